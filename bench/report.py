@@ -1,0 +1,67 @@
+"""Result files: one JSON document and one markdown table per benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0–100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def write(name: str, title: str, result: dict[str, Any], rows: Sequence[dict[str, Any]], notes: str = "") -> Path:
+    """Write results/<name>.json (everything) and results/<name>.md (the table and notes)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    document = {"benchmark": name, "machine": machine(), **result, "rows": list(rows)}
+    (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
+    text = f"# {title}\n\n{markdown_table(rows)}"
+    if notes:
+        text += f"\n{notes.strip()}\n"
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,1 @@
+"""Video: decoding trickle input, encoding and segmenting output. Knows nothing of WebRTC or gRPC."""

@@ -1,0 +1,9 @@
+"""Errors of the trickle layer."""
+
+
+class TrickleError(ConnectionError):
+    """A trickle request kept failing after every retry."""
+
+
+class ChannelClosedError(TrickleError):
+    """The channel was closed by the server or does not exist; nothing more can be published."""
