@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["trickle"]
+BENCHMARKS = ["trickle", "fast"]
 
 
 def main() -> int:

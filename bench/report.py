@@ -54,7 +54,9 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write(name: str, title: str, result: dict[str, Any], rows: Sequence[dict[str, Any]], notes: str = "") -> Path:
+def write(
+    name: str, title: str, result: dict[str, Any], rows: Sequence[dict[str, Any]], notes: str = ""
+) -> Path:
     """Write results/<name>.json (everything) and results/<name>.md (the table and notes)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": name, "machine": machine(), **result, "rows": list(rows)}

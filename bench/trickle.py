@@ -29,7 +29,12 @@ from relay_server.trickle.server import TrickleServer
 BITRATE = 2_000_000  # bits per second of media
 SEGMENT_SECONDS = 2
 WRITES_PER_SECOND = 30
-READERS = [("subscriber", 8 * 1024), ("subscriber", 64 * 1024), ("subscriber", 256 * 1024), ("bare-aiohttp", 64 * 1024)]
+READERS = [
+    ("subscriber", 8 * 1024),
+    ("subscriber", 64 * 1024),
+    ("subscriber", 256 * 1024),
+    ("bare-aiohttp", 64 * 1024),
+]
 
 
 def main(quick: bool = False) -> Path:

@@ -57,6 +57,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
 
         from relay_server.demo import run_demo
 
+        Path(args.output).mkdir(parents=True, exist_ok=True)
         return asyncio.run(run_demo(Path(args.output), seconds=args.seconds))
 
     parser.set_defaults(run=run)

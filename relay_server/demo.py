@@ -20,13 +20,14 @@ from relay_server.trickle.server import TrickleServer
 SEGMENT_SECONDS = 2.0
 
 
-async def run_demo(output_dir: Path, seconds: float = 10.0, width: int = 512, height: int = 512, fps: int = 30) -> int:
-    output_dir.mkdir(parents=True, exist_ok=True)
+async def run_demo(
+    output_dir: Path, seconds: float = 10.0, width: int = 512, height: int = 512, fps: int = 30
+) -> int:
     output = output_dir / "received.ts"
     frames = round(seconds * fps)
     async with TrickleServer() as server:
         url = server.channel_url("demo")
-        print(f"trickle server at {server.url}; source publishing {seconds:g} s of {width}x{height}@{fps} to {url}")
+        print(f"trickle server at {server.url}; publishing {seconds:g} s of {width}x{height}@{fps} to {url}")
 
         async def publish() -> None:
             loop = asyncio.get_running_loop()

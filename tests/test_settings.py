@@ -24,7 +24,9 @@ def test_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TRICKLE_WORKERS", "0", "at least 1"),
     ],
 )
-def test_bad_values_say_what_is_wrong(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:
+def test_bad_values_say_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
     monkeypatch.setenv(name, value)
     getter = {
         "TRICKLE_CHUNK_SIZE": settings.chunk_size,
@@ -36,7 +38,8 @@ def test_bad_values_say_what_is_wrong(monkeypatch: pytest.MonkeyPatch, name: str
 
 
 @pytest.mark.parametrize(
-    ("text", "seq"), [("0", 0), ("41", 41), ("-1", -1), ("-2", -2), ("-3", None), ("x", None), (" 1", None), ("", None)]
+    ("text", "seq"),
+    [("0", 0), ("41", 41), ("-1", -1), ("-2", -2), ("-3", None), ("x", None), (" 1", None), ("", None)],
 )
 def test_parse_seq(text: str, seq: int | None) -> None:
     assert protocol.parse_seq(text) == seq

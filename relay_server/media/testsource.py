@@ -40,7 +40,7 @@ class PatternFrames:
         x = (index * 4) % max(1, self.width - box)
         luma[:box, x : x + box] = 235
         for plane, pixels in zip(frame.planes, (luma, self._u, self._v), strict=True):
-            view = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+            view = np.frombuffer(memoryview(plane), np.uint8).reshape(-1, plane.line_size)
             view[:, : pixels.shape[1]] = pixels
         return frame
 
@@ -113,7 +113,11 @@ class SegmentEncoder:
 
 
 def pattern_segments(
-    width: int = 512, height: int = 512, fps: int = 30, segment_seconds: float = 2.0, frames: int | None = None
+    width: int = 512,
+    height: int = 512,
+    fps: int = 30,
+    segment_seconds: float = 2.0,
+    frames: int | None = None,
 ) -> Iterator[bytes]:
     """MPEG-TS segments of the test pattern (endless unless `frames` is given). CPU-bound: use a thread."""
     pattern = PatternFrames(width, height)

@@ -192,7 +192,9 @@ class Subscriber:
                     self.stats.skipped += 1
                     seq = resolved + 1
                     continue
+                # Data flows: from now on a 404 means the channel is gone.
                 self._recovering = False
+                self._grace_until = 0.0
                 return _Opened(resolved, response)
             response.release()
             if status == protocol.STATUS_NOT_IN_RING:

@@ -49,7 +49,9 @@ class FaultProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
-    def add(self, method: str, path: str, action: str, *, count: int = 1, status: int = 500, after: int = 0) -> None:
+    def add(
+        self, method: str, path: str, action: str, *, count: int = 1, status: int = 500, after: int = 0
+    ) -> None:
         self._rules.append(Rule(method, path, action, count, status, after))
 
     def _match(self, method: str, path: str) -> Rule | None:
@@ -81,7 +83,9 @@ class FaultProxy:
             _abort(writer)
             return
         if rule is not None and rule.action == "status":
-            writer.write(f"HTTP/1.1 {rule.status} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            writer.write(
+                f"HTTP/1.1 {rule.status} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            )
             await writer.drain()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)

@@ -117,7 +117,9 @@ async def test_case23_empty_segment_is_skipped(trickle_server: TrickleServer) ->
         assert subscriber.stats.skipped == 1
 
 
-async def test_case24_start_in_progress_reads_from_start_and_preconnects(trickle_server: TrickleServer) -> None:
+async def test_case24_start_in_progress_reads_from_start_and_preconnects(
+    trickle_server: TrickleServer,
+) -> None:
     url = trickle_server.channel_url("c24")
     for seq in range(4):
         await publish(url, seq, b"done %d" % seq)
@@ -150,19 +152,27 @@ async def test_case25_transient_failure_is_retried(
     await publish(trickle_server.channel_url("c25"), 0, b"payload")
     proxy.add("GET", "/c25/0", fault)
     url = f"{proxy.url}/c25"
-    async with Subscriber(url, start_seq=0, backoff=QUICK, session=one_connection_per_request()) as subscriber:
+    async with Subscriber(
+        url, start_seq=0, backoff=QUICK, session=one_connection_per_request()
+    ) as subscriber:
         segment = await anext(subscriber)
         assert await read_all(segment) == b"payload"
-        assert subscriber.stats.retries == 1
+        # aiohttp itself retries an idempotent GET once when the connection drops before an
+        # answer; a 500 comes to us.
+        assert subscriber.stats.retries == (1 if fault == "status" else 0)
     assert proxy.requests[:2] == [("GET", "/c25/0"), ("GET", "/c25/0")]
 
 
 async def test_case25_persistent_failure_is_a_clear_error(
-    trickle_server: TrickleServer, proxy: FaultProxy, one_connection_per_request: Callable[[], aiohttp.ClientSession]
+    trickle_server: TrickleServer,
+    proxy: FaultProxy,
+    one_connection_per_request: Callable[[], aiohttp.ClientSession],
 ) -> None:
     proxy.add("GET", "/c25p/0", "status", count=-1)
     url = f"{proxy.url}/c25p"
-    async with Subscriber(url, start_seq=0, backoff=QUICK, session=one_connection_per_request()) as subscriber:
+    async with Subscriber(
+        url, start_seq=0, backoff=QUICK, session=one_connection_per_request()
+    ) as subscriber:
         with pytest.raises(TrickleError, match="giving up after 4 retries: GET 0: HTTP 500"):
             await anext(subscriber)
     assert len(proxy.requests) == 5
@@ -198,13 +208,17 @@ async def test_segment_is_streamed_before_it_ends(trickle_server: TrickleServer)
 
 
 async def test_download_cut_midway_resumes_byte_exact(
-    trickle_server: TrickleServer, proxy: FaultProxy, one_connection_per_request: Callable[[], aiohttp.ClientSession]
+    trickle_server: TrickleServer,
+    proxy: FaultProxy,
+    one_connection_per_request: Callable[[], aiohttp.ClientSession],
 ) -> None:
     body = random.Random(2).randbytes(200_000)
     await publish(trickle_server.channel_url("cut"), 0, body)
     proxy.add("GET", "/cut/0", "cut_response", after=70_000)
     url = f"{proxy.url}/cut"
-    async with Subscriber(url, start_seq=0, backoff=QUICK, session=one_connection_per_request()) as subscriber:
+    async with Subscriber(
+        url, start_seq=0, backoff=QUICK, session=one_connection_per_request()
+    ) as subscriber:
         segment = await anext(subscriber)
         assert await read_all(segment) == body
         assert not segment.truncated
@@ -256,19 +270,25 @@ async def test_case26_next_post_is_on_the_wire_before_segment_ends(trickle_serve
 
 
 async def test_case27_failure_before_first_byte_retries_same_seq(
-    trickle_server: TrickleServer, proxy: FaultProxy, one_connection_per_request: Callable[[], aiohttp.ClientSession]
+    trickle_server: TrickleServer,
+    proxy: FaultProxy,
+    one_connection_per_request: Callable[[], aiohttp.ClientSession],
 ) -> None:
     proxy.add("POST", "/c27/0", "reset")
-    async with Publisher(f"{proxy.url}/c27", backoff=QUICK, session=one_connection_per_request()) as publisher:
+    async with Publisher(
+        f"{proxy.url}/c27", backoff=QUICK, session=one_connection_per_request()
+    ) as publisher:
         async with await publisher.segment() as zero:
             await zero.write(b"hello")
         assert publisher.stats.retries == 1
         await trickle_server.wait_until(lambda: _size(trickle_server, "c27", 0) == 5)
-    assert [r for r in proxy.requests if r[0] == "POST"][:2] == [("POST", "/c27/0"), ("POST", "/c27/0")]
+    assert proxy.requests.count(("POST", "/c27/0")) == 2
 
 
 async def test_case27_failure_after_bytes_deletes_segment_and_moves_on(
-    trickle_server: TrickleServer, proxy: FaultProxy, one_connection_per_request: Callable[[], aiohttp.ClientSession]
+    trickle_server: TrickleServer,
+    proxy: FaultProxy,
+    one_connection_per_request: Callable[[], aiohttp.ClientSession],
 ) -> None:
     url = trickle_server.channel_url("c27b")
     proxy.add("POST", "/c27b/0", "cut_request", after=400)
@@ -291,7 +311,9 @@ async def test_case27_failure_after_bytes_deletes_segment_and_moves_on(
         assert (following.seq, await read_all(following)) == (1, b"one")
 
 
-async def test_case28_publisher_stops_on_404(make_trickle_server: Callable[..., Awaitable[TrickleServer]]) -> None:
+async def test_case28_publisher_stops_on_404(
+    make_trickle_server: Callable[..., Awaitable[TrickleServer]],
+) -> None:
     server = await make_trickle_server(autocreate=False)
     async with Publisher(server.channel_url("missing")) as publisher:
         segment = await publisher.segment()
@@ -353,7 +375,7 @@ async def test_thousand_segments_byte_exact(trickle_server: TrickleServer) -> No
             for seq in range(1000):
                 # Stay within the server's ring of the reader: at most 3 segments ahead.
                 async with progress:
-                    await progress.wait_for(lambda: seq - len(received) <= 3)
+                    await progress.wait_for(lambda seq=seq: seq - len(received) <= 3)
                 body = _payload(seq)
                 async with await publisher.segment() as writer:
                     for start in range(0, len(body), 16_384):
@@ -367,7 +389,8 @@ async def test_thousand_segments_byte_exact(trickle_server: TrickleServer) -> No
             async with progress:
                 progress.notify_all()
         await producer
-        assert subscriber.end_reason == "closed"
+        # The publisher's DELETE reached a waiting GET (Closed) or preceded the next one (404).
+        assert subscriber.end_reason in ("closed", "not_found")
     assert [seq for seq, _ in received] == list(range(1000))
     assert all(body == _payload(seq) for seq, body in received)
     assert subscriber.stats.skipped == 0

@@ -1,0 +1,3 @@
+import av
+
+def copy_frame(src: av.VideoFrame, dst: av.VideoFrame) -> None: ...
