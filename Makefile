@@ -6,6 +6,8 @@ INSTALLED := $(VENV)/.installed
 # Rebuild when anything that feeds the build changes.
 BUILD_INPUTS := pyproject.toml setup.py $(shell find proto relay_server/_fast -name '*.proto' -o -name '*.pxd' -o -name '*.py' 2>/dev/null)
 
+PY_SOURCES := $(wildcard relay_server tests bench clients)
+
 .PHONY: all demo test soak bench bench-quick lint clean
 
 all: $(INSTALLED)
@@ -32,8 +34,8 @@ bench-quick: $(INSTALLED)
 	$(PY) -m bench --quick
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check relay_server tests bench clients
-	$(VENV)/bin/ruff format --check relay_server tests bench clients
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 	$(VENV)/bin/mypy
 
 clean:
