@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from faultproxy import FaultProxy
 
 from relay_server.trickle.backoff import Backoff
 from relay_server.trickle.errors import ChannelClosedError, TrickleError
 from relay_server.trickle.publisher import Outcome, Publisher
 from relay_server.trickle.server import TrickleServer
 from relay_server.trickle.subscriber import Segment, Subscriber
+from tests.trickle.faultproxy import FaultProxy
 
 QUICK = Backoff(initial=0.01, factor=2.0, maximum=0.05, attempts=4)
 
