@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # publisher writes segments in order, so by then the tail is at most a network delay away; a
 # longer stall means the publisher died mid-segment without closing it.
 ABANDON_AFTER = 1.0
-# After a failure the channel may be gone or rewound (server restart); waits for a segment to
-# start are re-issued this often until data flows again, instead of every TRICKLE_TIMEOUT.
+# After a failure the channel may be gone or rewound (server restart); within the start-up grace,
+# waits for a segment to start are re-issued this often until data flows, not every TRICKLE_TIMEOUT.
 RECOVERY_WAIT = 2.0
 # Retry timing for a channel that does not exist yet (404 within the start-up grace).
 NOT_FOUND_BACKOFF = Backoff(initial=0.25, factor=2.0, maximum=2.0, attempts=1_000_000)
@@ -169,7 +169,7 @@ class Subscriber:
         not_found = NOT_FOUND_BACKOFF.budget(f"GET {self.url}/{seq}")
         while True:
             try:
-                async with asyncio.timeout(RECOVERY_WAIT if self._recovering else self.timeout):
+                async with asyncio.timeout(self._wait_limit()):
                     response = await self._http().get(f"{self.url}/{seq}")
             except TimeoutError:
                 # No headers yet is normal for a segment that has not started; re-issuing
@@ -221,6 +221,13 @@ class Subscriber:
         # The server may have lost the channel (restart): a 404 soon after is "not yet", not "gone".
         self._recovering = True
         self._grace_until = max(self._grace_until, self._loop.time() + self.startup_grace)
+
+    def _wait_limit(self) -> float:
+        """How long to wait for a segment to start before re-issuing the request."""
+        # Shortly after a failure the seq we wait on may never come (the channel was rewound).
+        if self._recovering and self._loop.time() < self._grace_until:
+            return min(RECOVERY_WAIT, self.timeout)
+        return self.timeout
 
     def _next_has_data(self) -> bool:
         upcoming = self._next
