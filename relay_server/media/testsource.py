@@ -6,14 +6,13 @@ trickle channel do; timestamps run on across segments on the 90 kHz clock.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
-from fractions import Fraction
 
 import av
 import numpy as np
 
-CLOCK = Fraction(1, 90_000)
+from relay_server.media.encoder import CLOCK, VideoEncoder
+from relay_server.media.segmenter import Segmenter
 
 
 class PatternFrames:
@@ -45,71 +44,25 @@ class PatternFrames:
         return frame
 
 
-class SegmentEncoder:
-    """One long-lived libx264 whose GOPs become self-contained MPEG-TS segments."""
+class _Segments:
+    """A SegmentSink that keeps each finished segment for the generator to hand out."""
 
-    def __init__(
-        self,
-        width: int,
-        height: int,
-        fps: int = 30,
-        segment_seconds: float = 2.0,
-        preset: str = "ultrafast",
-        bitrate: int = 1_500_000,
-    ) -> None:
-        self.fps = fps
-        encoder = av.CodecContext.create("libx264", "w")
-        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-        encoder.time_base = CLOCK
-        encoder.framerate = Fraction(fps)
-        encoder.bit_rate = bitrate
-        encoder.gop_size = max(1, round(fps * segment_seconds))
-        encoder.options = {"preset": preset, "tune": "zerolatency", "bf": "0", "sc_threshold": "0"}
-        encoder.open()
-        self._encoder = encoder
-        self._buffer: io.BytesIO | None = None
-        self._muxer: av.container.OutputContainer | None = None
-        self._stream: av.VideoStream | None = None
+    def __init__(self) -> None:
+        self.finished: list[bytes] = []
+        self._current = bytearray()
 
-    def encode(self, frame: av.VideoFrame, index: int) -> list[bytes]:
-        """Encode frame `index`; returns the segments it completed (usually none)."""
-        frame.pts = round(index / self.fps / CLOCK)
-        frame.time_base = CLOCK
-        return self._mux(self._encoder.encode(frame))
+    def begin(self, index: int) -> None:
+        self._current = bytearray()
 
-    def flush(self) -> list[bytes]:
-        """Drain the encoder and return the last segments."""
-        finished = self._mux(self._encoder.encode(None))
-        if self._muxer is not None:
-            finished.append(self._close_segment())
+    def write(self, data: bytes) -> None:
+        self._current += data
+
+    def end(self, index: int) -> None:
+        self.finished.append(bytes(self._current))
+
+    def take(self) -> list[bytes]:
+        finished, self.finished = self.finished, []
         return finished
-
-    def _mux(self, packets: list[av.Packet]) -> list[bytes]:
-        finished = []
-        for packet in packets:
-            if packet.is_keyframe and self._muxer is not None:
-                finished.append(self._close_segment())
-            if self._muxer is None:
-                self._open_segment()
-            packet.stream = self._stream
-            assert self._muxer is not None
-            self._muxer.mux(packet)
-        return finished
-
-    def _open_segment(self) -> None:
-        self._buffer = io.BytesIO()
-        self._muxer = av.open(self._buffer, "w", format="mpegts")
-        stream = self._muxer.add_stream("h264", rate=self.fps)
-        stream.width, stream.height = self._encoder.width, self._encoder.height
-        stream.time_base = CLOCK
-        self._stream = stream
-
-    def _close_segment(self) -> bytes:
-        assert self._muxer is not None and self._buffer is not None
-        self._muxer.close()
-        data = self._buffer.getvalue()
-        self._muxer = self._buffer = self._stream = None
-        return data
 
 
 def pattern_segments(
@@ -121,9 +74,16 @@ def pattern_segments(
 ) -> Iterator[bytes]:
     """MPEG-TS segments of the test pattern (endless unless `frames` is given). CPU-bound: use a thread."""
     pattern = PatternFrames(width, height)
-    encoder = SegmentEncoder(width, height, fps, segment_seconds)
+    encoder = VideoEncoder(width, height, gop=segment_seconds, fps=fps, bitrate=1_500_000)
+    segments = _Segments()
+    segmenter = Segmenter(segments, width, height)
     index = 0
     while frames is None or index < frames:
-        yield from encoder.encode(pattern.frame(index), index)
+        for packet in encoder.encode(pattern.frame(index), round(index / fps / CLOCK)):
+            segmenter.mux_video(packet)
+        yield from segments.take()
         index += 1
-    yield from encoder.flush()
+    for packet in encoder.close():
+        segmenter.mux_video(packet)
+    segmenter.close()
+    yield from segments.take()

@@ -1,0 +1,509 @@
+"""The output side of a session: frames in, one encode thread, segments out to a trickle channel.
+
+    pipeline = OutputPipeline(publisher, VideoEncoder(width, height))
+    pipeline.start()
+    await pipeline.submit(frame, pts90k)          # as frames come back from the processor
+    await pipeline.submit_audio(packet, pts90k)   # as the demuxer yields them
+    await pipeline.stop()                         # flushes, ends the last segment, joins
+
+Two hand-offs cross between the event loop and the encode thread, each bounded:
+- frames and audio in (`_Inbox`): latest-wins for live (a frame the encoder had no time for is
+  replaced by the newer one, counted), or blocking for catch-up and tests;
+- segment bytes out (`SegmentPublisherSink`): bounded in bytes; when full the encode thread
+  waits (counted). Bytes are never dropped there: a hole in the middle of a segment corrupts
+  everything after it up to the next IDR, while a late segment is merely late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import av
+
+from relay_server.media.encoder import VideoEncoder
+from relay_server.media.segmenter import AudioInfo, Segmenter, SegmentSink
+from relay_server.trickle.publisher import Outcome, Publisher, SegmentWriter
+
+log = logging.getLogger(__name__)
+
+# Segment bytes between the encode thread and the publisher: about 4 s of video at 2 Mbit/s,
+# enough to ride out a slow POST without stalling the encoder, small enough to bound latency.
+SINK_BUFFER = 1024 * 1024
+# Frames queued for the encoder under the blocking policy (latest-wins holds one).
+QUEUE_FRAMES = 4
+# Audio packets queued for the encode thread: over 5 s of AAC or Opus. Audio is never replaced
+# by newer audio (each packet is its own stretch of sound); under latest-wins the oldest goes
+# when the encode thread is that far behind, counted.
+QUEUE_AUDIO = 256
+
+
+@dataclass
+class SinkStats:
+    segments: int = 0  # segments the server accepted
+    failed: int = 0  # segments lost after their bytes went out (the publisher DELETEd them)
+    bytes: int = 0  # bytes handed to the publisher
+    blocked: int = 0  # writes that waited for room: back-pressure on the encode thread
+    blocked_seconds: float = 0.0  # how long they waited in total
+
+
+@dataclass(frozen=True)
+class _Begin:
+    index: int
+
+
+@dataclass(frozen=True)
+class _End:
+    index: int
+
+
+class _Stop:
+    pass
+
+
+_Item = _Begin | _End | _Stop | bytes
+
+
+class SegmentPublisherSink(SegmentSink):
+    """A SegmentSink (called on the encode thread) that publishes through a trickle Publisher.
+
+    One task on the event loop owns the publisher side. Publisher errors (ChannelClosedError,
+    TrickleError, …) end it; they resolve `failed` and are raised on the encode thread by its
+    next begin/write/end.
+    """
+
+    def __init__(self, publisher: Publisher, *, max_bytes: int = SINK_BUFFER) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.publisher = publisher
+        self.max_bytes = max_bytes
+        self.stats = SinkStats()
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._items: deque[_Item] = deque()  # bounded by _pending bytes (markers are tiny)
+        self._pending = 0  # bytes queued or being written to the publisher
+        self._wakeup_due = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+        self._failed: asyncio.Future[BaseException] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Closing a segment waits for the server's answer; meanwhile the next one streams.
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def failed(self) -> asyncio.Future[BaseException]:
+        """Resolves with the publisher's error; cancelled by a stop() without one."""
+        if self._failed is None:
+            raise RuntimeError("sink not started")
+        return self._failed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes between the encode thread and the publisher right now."""
+        return self._pending
+
+    def start(self) -> None:
+        """Start the publishing task; call on the event loop."""
+        if self._task is not None:
+            raise RuntimeError("sink already started")
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._failed = self._loop.create_future()
+        self._task = self._loop.create_task(self._drain(), name=f"segment-sink {self.publisher.url}")
+
+    async def stop(self) -> None:
+        """Publish what is queued, wait for the server's answers, end the task. A segment
+        begun and not ended is aborted (DELETEd if bytes went out). Does not raise the
+        publisher's error: that is in `error` and `failed`."""
+        if self._task is None or self._ready is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._items.append(_Stop())
+        self._ready.set()
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            # Stopping was cancelled (a timeout): do not leave the encode thread blocked.
+            self._task.cancel()
+            self._fail(RuntimeError("segment sink stopped"))
+            raise
+        finally:
+            if self._failed is not None and not self._failed.done():
+                self._failed.cancel()
+
+    # -- SegmentSink, called on the encode thread ----------------------------------------------
+
+    def begin(self, index: int) -> None:
+        self._put(_Begin(index), 0)
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._put(data, len(data))
+
+    def end(self, index: int) -> None:
+        self._put(_End(index), 0)
+
+    def _put(self, item: _Item, size: int) -> None:
+        with self._cond:
+            self._check()
+            # An item larger than the whole budget still goes once the buffer is empty.
+            if self._pending and self._pending + size > self.max_bytes:
+                self.stats.blocked += 1
+                started = time.monotonic()
+                while self._pending and self._pending + size > self.max_bytes and self.error is None:
+                    self._cond.wait()
+                self.stats.blocked_seconds += time.monotonic() - started
+                self._check()
+            self._pending += size
+            self._items.append(item)
+            wake, self._wakeup_due = not self._wakeup_due, True
+        if wake:
+            assert self._loop is not None and self._ready is not None
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._loop is None or self._stopping:
+            raise RuntimeError("segment sink is not running")
+
+    # -- the publishing task ---------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        assert self._ready is not None
+        writer: SegmentWriter | None = None
+        try:
+            while self.error is None:
+                await self._ready.wait()
+                self._ready.clear()
+                with self._cond:
+                    batch = list(self._items)
+                    self._items.clear()
+                    self._wakeup_due = False
+                for item in batch:
+                    if self.error is not None:
+                        break
+                    if isinstance(item, bytes):
+                        assert writer is not None, "write() outside begin()/end()"
+                        await writer.write(item)
+                        self.stats.bytes += len(item)
+                        self._release(len(item))
+                    elif isinstance(item, _Begin):
+                        writer = await self.publisher.segment()
+                    elif isinstance(item, _End):
+                        assert writer is not None, "end() without begin()"
+                        self._close_soon(writer)
+                        writer = None
+                    else:
+                        if self._closing:
+                            await asyncio.wait(self._closing)
+                        return
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            if writer is not None:
+                await writer.abort()  # cut short: DELETEd if bytes went out, so readers end
+
+    def _close_soon(self, writer: SegmentWriter) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._close(writer), name=f"segment-close {self.publisher.url}/{writer.seq}"
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, writer: SegmentWriter) -> None:
+        try:
+            outcome = await writer.close()
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if outcome is Outcome.PUBLISHED:
+            self.stats.segments += 1
+        else:
+            self.stats.failed += 1
+            log.warning("output %s: segment %d %s", self.publisher.url, writer.seq, outcome.value)
+
+    def _release(self, size: int) -> None:
+        with self._cond:
+            if self.error is None:  # _fail already emptied the buffer
+                self._pending -= size
+            self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = exc
+                log.warning("output %s failed: %r", self.publisher.url, exc)
+            self._items.clear()
+            self._pending = 0
+            self._cond.notify_all()
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(self.error)
+        if self._ready is not None:
+            self._ready.set()  # the publishing task sees the error and ends
+
+
+class Policy(enum.Enum):
+    """What submit() does when the encode thread is behind."""
+
+    LATEST = "latest"  # live: the waiting frame is replaced by the newer one (counted as dropped)
+    BLOCK = "block"  # catch-up and tests: submit() waits for room; nothing is dropped
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    frames_in: int = 0  # frames submitted
+    frames_dropped: int = 0  # frames replaced before the encoder took them (Policy.LATEST)
+    frames_waited: int = 0  # submits that waited for room (Policy.BLOCK)
+    audio_in: int = 0  # audio packets submitted
+    audio_dropped: int = 0  # oldest audio let go when QUEUE_AUDIO was full (Policy.LATEST)
+    audio_waited: int = 0  # submits that waited for room (Policy.BLOCK)
+
+
+_T = TypeVar("_T")
+
+
+class _Lane(Generic[_T]):
+    """One bounded FIFO of the inbox, (item, pts90k) pairs, with its counters."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: deque[tuple[_T, int]] = deque()
+        self.received = 0
+        self.dropped = 0
+        self.waited = 0
+
+    def full(self) -> bool:
+        return len(self.items) >= self.limit
+
+
+class _Inbox:
+    """Frames and audio from the event loop to the encode thread.
+
+    The loop side never blocks the loop: under BLOCK it awaits room, which the thread
+    announces with call_soon_threadsafe only when a submitter is actually waiting.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, policy: Policy, queue_frames: int, queue_audio: int
+    ) -> None:
+        self.policy = policy
+        self.frames: _Lane[av.VideoFrame] = _Lane(1 if policy is Policy.LATEST else queue_frames)
+        self.audio: _Lane[av.Packet] = _Lane(queue_audio)
+        self.closed = False
+        self.reason: BaseException | None = None  # why it closed, when it was a failure
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._room = asyncio.Event()
+        self._waiting = False
+
+    async def put(self, lane: _Lane[_T], item: _T, pts90k: int) -> None:
+        """Queue an item: a full lane lets its oldest item go (LATEST) or waits for room (BLOCK)."""
+        waited = False
+        while True:
+            with self._cond:
+                if self.closed:
+                    raise self.reason or RuntimeError("output pipeline is not running")
+                if lane.full() and self.policy is Policy.LATEST:
+                    lane.items.popleft()
+                    lane.dropped += 1
+                if not lane.full():
+                    lane.items.append((item, pts90k))
+                    lane.received += 1
+                    self._cond.notify()
+                    return
+                if not waited:
+                    waited = True
+                    lane.waited += 1
+                self._waiting = True
+                self._room.clear()
+            await self._room.wait()
+
+    def take(self) -> tuple[list[tuple[av.Packet, int]], tuple[av.VideoFrame, int] | None] | None:
+        """On the encode thread: wait for work; all queued audio and the next frame, or None
+        once closed and empty."""
+        with self._cond:
+            while not (self.frames.items or self.audio.items or self.closed):
+                self._cond.wait()
+            if not (self.frames.items or self.audio.items):
+                return None
+            audio = list(self.audio.items)
+            self.audio.items.clear()
+            frame = self.frames.items.popleft() if self.frames.items else None
+            if self._waiting:
+                self._waiting = False
+                self._loop.call_soon_threadsafe(self._room.set)
+            return audio, frame
+
+    def close(self) -> None:
+        """No more submissions; the thread finishes what is queued. Waiting submitters raise."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            if self._waiting:
+                self._waiting = False
+                self._loop.call_soon_threadsafe(self._room.set)
+
+    def discard(self, reason: BaseException) -> None:
+        """After a failure: drop what is queued so the thread stops at once; submitters get
+        `reason` raised."""
+        with self._cond:
+            self.reason = self.reason or reason
+            self.frames.items.clear()
+            self.audio.items.clear()
+        self.close()
+
+
+class OutputPipeline:
+    """VideoEncoder → Segmenter → SegmentPublisherSink on one encode thread.
+
+    `failed` resolves with the first error (encoder, muxer or publisher); `stop()` cleans up
+    and then raises that error, so it is never lost.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        encoder: VideoEncoder,
+        *,
+        policy: Policy = Policy.LATEST,
+        drop_audio: bool = False,
+        queue_frames: int = QUEUE_FRAMES,
+        queue_audio: int = QUEUE_AUDIO,
+        sink_bytes: int = SINK_BUFFER,
+    ) -> None:
+        self.policy = policy
+        self.encoder = encoder
+        self.sink = SegmentPublisherSink(publisher, max_bytes=sink_bytes)
+        self.segmenter = Segmenter(self.sink, encoder.width, encoder.height, drop_audio=drop_audio)
+        self.error: BaseException | None = None
+        self._queue_frames = queue_frames
+        self._queue_audio = queue_audio
+        self._inbox: _Inbox | None = None
+        self._thread: threading.Thread | None = None
+        self._exited: asyncio.Future[None] | None = None
+        self._failed: asyncio.Future[BaseException] | None = None
+
+    @property
+    def failed(self) -> asyncio.Future[BaseException]:
+        """Resolves with the first error; cancelled by a stop() without one."""
+        if self._failed is None:
+            raise RuntimeError("pipeline not started")
+        return self._failed
+
+    @property
+    def stats(self) -> PipelineStats:
+        """The input hand-off's counters, now (the stages have their own: encoder.stats,
+        segmenter.stats, sink.stats)."""
+        if self._inbox is None:
+            return PipelineStats()
+        frames, audio = self._inbox.frames, self._inbox.audio
+        return PipelineStats(
+            frames.received, frames.dropped, frames.waited, audio.received, audio.dropped, audio.waited
+        )
+
+    def add_audio_stream(self, info: AudioInfo) -> None:
+        """Carry this audio stream into the output (ignored with drop_audio); before start()."""
+        if self._thread is not None:
+            raise RuntimeError("add the audio stream before start()")
+        self.segmenter.add_audio_stream(info)
+
+    def start(self) -> None:
+        """Start the publishing task and the encode thread; call on the event loop."""
+        if self._thread is not None:
+            raise RuntimeError("pipeline already started")
+        loop = asyncio.get_running_loop()
+        self._inbox = _Inbox(loop, self.policy, self._queue_frames, self._queue_audio)
+        self._exited = loop.create_future()
+        self._failed = loop.create_future()
+        self.sink.start()
+        self.sink.failed.add_done_callback(self._sink_failed)
+        # daemon: a pipeline nobody stopped must not keep the process alive at exit.
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, self._inbox, self._exited), name="output-encode", daemon=True
+        )
+        self._thread.start()
+
+    async def submit(self, frame: av.VideoFrame, pts90k: int) -> None:
+        """Hand a frame to the encoder, stamped `pts90k` on the output clock. The frame is the
+        pipeline's from here on. Under BLOCK this waits while QUEUE_FRAMES are queued."""
+        inbox = self._running()
+        await inbox.put(inbox.frames, frame, pts90k)
+
+    async def submit_audio(self, packet: av.Packet, pts90k: int) -> None:
+        """Hand over an audio packet, its timestamp mapped onto the output clock."""
+        inbox = self._running()
+        await inbox.put(inbox.audio, packet, pts90k)
+
+    async def stop(self) -> None:
+        """Encode what is queued, flush the encoder, end the last segment, join the thread and
+        stop the publishing task; then raise the pipeline's error, if there was one."""
+        if self._inbox is None or self._exited is None or self._thread is None:
+            return
+        self._inbox.close()
+        try:
+            await asyncio.shield(self._exited)
+        finally:
+            # Also on cancellation: a failed sink unblocks a thread waiting to write.
+            await self.sink.stop()
+        self._thread.join()
+        error = self.error or self.sink.error
+        if error is not None:
+            self._record(error)  # the sink's failure callback may not have run yet
+            raise error
+        if self._failed is not None:
+            self._failed.cancel()
+
+    def _running(self) -> _Inbox:
+        if self._inbox is None:
+            raise RuntimeError("pipeline not started")
+        return self._inbox
+
+    # -- the encode thread -----------------------------------------------------------------
+
+    def _run(self, loop: asyncio.AbstractEventLoop, inbox: _Inbox, exited: asyncio.Future[None]) -> None:
+        error: BaseException | None = None
+        try:
+            while (work := inbox.take()) is not None:
+                audio, frame = work
+                for packet, pts90k in audio:
+                    self.segmenter.mux_audio(packet, pts90k)
+                if frame is not None:
+                    for packet in self.encoder.encode(*frame):
+                        self.segmenter.mux_video(packet)
+            for packet in self.encoder.close():
+                self.segmenter.mux_video(packet)
+            self.segmenter.close()
+        except Exception as exc:
+            error = exc
+            inbox.discard(exc)
+            self.segmenter.abort()
+        finally:
+            loop.call_soon_threadsafe(self._thread_exited, exited, error)
+
+    def _thread_exited(self, exited: asyncio.Future[None], error: BaseException | None) -> None:
+        if error is not None:
+            self._record(error)
+        if not exited.done():
+            exited.set_result(None)
+
+    def _sink_failed(self, failed: asyncio.Future[BaseException]) -> None:
+        if not failed.cancelled():
+            error = failed.result()
+            self._record(error)
+            if self._inbox is not None:
+                self._inbox.discard(error)  # nothing can be published: stop encoding
+
+    def _record(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(self.error)
