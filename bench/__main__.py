@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["trickle", "fast"]
+BENCHMARKS = ["trickle", "fast", "media"]
 
 
 def main() -> int:

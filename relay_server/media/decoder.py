@@ -6,9 +6,13 @@ scales it and hands it to on_frame; audio packets go to on_audio undecoded. Time
 input's own (the stream's time_base, 90 kHz for MPEG-TS), never rewritten.
 
 Callbacks run on the decode thread, in this order per packet: on_video_packet, then on_frame for
-each frame the packet completed (or on_audio for an audio packet). Exactly one of on_end (the
-input ended and every frame was delivered) or on_error (the decoder gave up) ends a run, unless
-stop() ended it first.
+each frame the packet completed (or on_audio for an audio packet). on_audio_stream comes once,
+before the first on_audio of a packet whose stream parameters are known, with an AudioInfo a
+muxer can carry the packets with (built here: it must be made on the thread that owns the
+demuxer). Exactly one of on_end (the input ended and every frame was delivered) or on_error (the
+decoder gave up) ends a run, unless stop() ended it first; on_exit comes last in every case, so
+an owner on an event loop can wait for the thread without blocking (stop(wait=False), then join
+only once on_exit has come).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from av.video.codeccontext import VideoCodecContext
 from relay_server import settings
 from relay_server._fast import ChunkQueue, QueueAborted
 from relay_server.media.scaler import Scaler
+from relay_server.media.segmenter import AudioInfo
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +111,11 @@ class Decoder:
         *,
         scaler: Scaler | None = None,
         on_audio: Callable[[av.Packet], object] | None = None,
+        on_audio_stream: Callable[[AudioInfo], object] | None = None,
         on_video_packet: Callable[[av.Packet], object] | None = None,
         on_end: Callable[[], object] | None = None,
         on_error: Callable[[Exception], object] | None = None,
+        on_exit: Callable[[], object] | None = None,
         thread_count: int | None = None,
         corrupt_budget: int = CORRUPT_BUDGET,
         name: str = "decoder",
@@ -121,9 +128,11 @@ class Decoder:
         self._scaler = scaler or Scaler()
         self._on_frame = on_frame
         self._on_audio = on_audio
+        self._on_audio_stream = on_audio_stream
         self._on_video_packet = on_video_packet
         self._on_end = on_end
         self._on_error = on_error
+        self._on_exit = on_exit
         self._thread_count = thread_count or settings.workers()
         self._corrupt_budget = corrupt_budget
         self._errors_in_row = 0  # corrupt packets and damaged frames since the last good frame
@@ -136,15 +145,16 @@ class Decoder:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=False)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
         """End decoding now and wait for the thread; any time, any number of times.
 
         The thread may be inside on_frame: a callback that blocks must not wait on the caller.
+        With wait=False only ask: on_exit says when the thread is done (the loop must not join).
         """
         self._stopping = True
         self._queue.abort()  # wakes the thread if it is waiting for input
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
     @property
@@ -154,6 +164,13 @@ class Decoder:
     # -- the decode thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._run_once()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _run_once(self) -> None:
         try:
             try:
                 with av.open(
@@ -264,6 +281,8 @@ class Decoder:
         assert self._on_audio is not None  # audio is demuxed only for a receiver
         if self.audio_stream_info is None:
             self.audio_stream_info = _describe_audio(stream, packet)
+            if self.audio_stream_info is not None and self._on_audio_stream is not None:
+                self._on_audio_stream(AudioInfo(stream))
         self.stats.audio_packets += 1
         self._on_audio(packet)
 

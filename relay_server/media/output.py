@@ -411,10 +411,19 @@ class OutputPipeline:
         )
 
     def add_audio_stream(self, info: AudioInfo) -> None:
-        """Carry this audio stream into the output (ignored with drop_audio); before start()."""
-        if self._thread is not None:
-            raise RuntimeError("add the audio stream before start()")
-        self.segmenter.add_audio_stream(info)
+        """Carry this audio stream into the output (ignored with drop_audio); on the event loop,
+        before the first submit() or submit_audio(), which may be after start(): a live input's
+        audio parameters are known only once its first audio packet has been demuxed."""
+        inbox = self._inbox
+        if inbox is None:
+            self.segmenter.add_audio_stream(info)
+            return
+        # Nothing submitted yet, so the encode thread waits in take() on this condition and
+        # does not touch the segmenter while it is held.
+        with inbox._cond:
+            if inbox.frames.received or inbox.audio.received:
+                raise RuntimeError("add the audio stream before the first frame or audio packet")
+            self.segmenter.add_audio_stream(info)
 
     def start(self) -> None:
         """Start the publishing task and the encode thread; call on the event loop."""

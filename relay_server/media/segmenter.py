@@ -72,11 +72,22 @@ class AudioInfo:
         self._holder = av.open(io.BytesIO(), "w", format="mpegts")
         self._template = self._holder.add_stream_from_template(stream)
         context = self._template.codec_context
+        # A demuxer that probed only a few bytes may not know AAC's rate and channels (they
+        # are in its packets); the source's decoder context learns them by decoding one.
+        source = stream.codec_context if context.sample_rate == 0 else context
         self.codec: str = context.name
-        self.sample_rate: int = context.sample_rate
-        self.layout: str = context.layout.name
+        self.sample_rate: int = source.sample_rate
+        self.layout: str = source.layout.name
         self.time_base: Fraction | None = stream.time_base
         self.extradata: bytes | None = context.extradata
+
+    def add_to(self, container: av.container.OutputContainer) -> av.AudioStream:
+        """A stream for these packets in `container`, before its header is written."""
+        stream = container.add_stream_from_template(self._template)
+        # Parameters the source's demuxer lacked; start_encoding() copies them into the header.
+        stream.codec_context.sample_rate = self.sample_rate
+        stream.codec_context.layout = self.layout
+        return stream
 
     def __repr__(self) -> str:
         return f"AudioInfo({self.codec} {self.sample_rate} Hz {self.layout})"
@@ -214,7 +225,7 @@ class Segmenter:
         video.time_base = CLOCK
         audio = None
         if self._audio_info is not None:
-            audio = container.add_stream_from_template(self._audio_info._template)
+            audio = self._audio_info.add_to(container)
         container.start_encoding()  # the header (PAT/PMT) goes out now
         self._open = _OpenSegment(container, video, audio)
 

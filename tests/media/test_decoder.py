@@ -18,6 +18,7 @@ from relay_server._fast import ChunkQueue
 from relay_server.media.decoder import Decoder, InputError
 from relay_server.media.feeder import feed
 from relay_server.media.scaler import ScaleMode, Scaler
+from relay_server.media.segmenter import AudioInfo
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 from tests.media.clips import CLOCK, ClipSpec, chunks, make_clip, memory_subscriber, read_index, take
@@ -416,3 +417,83 @@ async def test_input_without_video_is_an_error() -> None:
     sink = Sink()
     decoder = await through_memory([buffer.getvalue()], sink)
     assert isinstance(decoder.error, InputError) and "no video" in str(decoder.error)
+
+
+async def test_stop_without_waiting_then_on_exit() -> None:
+    exited = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    queue = ChunkQueue(QUEUE_BYTES)
+    sink = Sink()
+    decoder = sink.decoder(queue, on_exit=lambda: loop.call_soon_threadsafe(exited.set))
+    decoder.start()
+    queue.put(make_clip(ClipSpec()).segments[0])  # then no more input: the thread waits for it
+    await asyncio.wait_for(sink.first_frame.wait(), TIMEOUT)
+    decoder.stop(wait=False)  # on the loop: ask, do not join
+    await asyncio.wait_for(exited.wait(), TIMEOUT)
+    decoder.stop()  # the thread is done: returns at once
+    assert not decoder.running and decoder.error is None and not sink.ended
+
+
+@pytest.mark.parametrize("ending", ["end", "error"])
+async def test_on_exit_comes_last(ending: str) -> None:
+    segment = make_clip(ClipSpec()).segments[0]
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    exited = asyncio.Event()
+
+    def on_exit() -> None:
+        calls.append("exit")
+        loop.call_soon_threadsafe(exited.set)
+
+    queue = ChunkQueue(QUEUE_BYTES)
+    decoder = Decoder(
+        queue,
+        lambda frame: None,
+        on_end=lambda: calls.append("end"),
+        on_error=lambda exc: calls.append("error"),
+        on_exit=on_exit,
+        thread_count=1,
+    )
+    decoder.start()
+    queue.put(segment if ending == "end" else b"\x47" * 188 * 20)  # TS sync bytes, no streams
+    queue.close()
+    await asyncio.wait_for(exited.wait(), TIMEOUT)
+    decoder.stop()
+    assert calls == [ending, "exit"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        # B-frames delay the first frame: the short probe ends before AAC's parameters are known.
+        ClipSpec(512, 512, fps=25, frames=25, gop=25, b_frames=2, audio="aac"),
+        ClipSpec(512, 512, fps=30, frames=30, gop=15, audio="opus"),
+    ],
+    ids=describe,
+)
+async def test_audio_stream_comes_before_its_packets_ready_to_mux(spec: ClipSpec) -> None:
+    clip = make_clip(spec)
+    sink = Sink()
+    events: list[AudioInfo | av.Packet] = []
+
+    def on_audio(packet: av.Packet) -> None:
+        events.append(packet)
+        sink.on_audio(packet)
+
+    await through_memory(list(clip.segments), sink, on_audio=on_audio, on_audio_stream=events.append)
+    info, *packets = events
+    assert isinstance(info, AudioInfo) and all(isinstance(packet, av.Packet) for packet in packets)
+    assert len(packets) == clip.audio_packets
+    assert (info.codec, info.sample_rate, info.layout) == (spec.audio, 48_000, "stereo")
+    # Another thread muxes the packets with it, unchanged, into a stream a player can decode.
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as muxer:
+        stream = info.add_to(muxer)
+        muxer.start_encoding()
+        for packet in packets:
+            assert isinstance(packet, av.Packet)
+            packet.stream = stream
+            muxer.mux(packet)
+    with av.open(io.BytesIO(buffer.getvalue()), format="mpegts") as container:
+        decoded = list(container.decode(audio=0))
+    assert decoded and {(f.sample_rate, f.layout.name) for f in decoded} == {(48_000, "stereo")}

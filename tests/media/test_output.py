@@ -307,3 +307,26 @@ async def test_a_publisher_error_fails_the_sink_and_the_next_write() -> None:
     await sink.stop()
     assert sink.error is publisher.error
     assert_nothing_left()
+
+
+async def test_audio_stream_can_join_after_start_until_the_first_submit(
+    trickle_server: TrickleServer,
+) -> None:
+    url = trickle_server.channel_url("late-audio")
+    info, packets = audio_source("aac", seconds=1.0)
+    reader = asyncio.create_task(read_segments(url, count=1))
+    async with Publisher(url) as publisher:
+        pipeline = OutputPipeline(publisher, VideoEncoder(WIDTH, HEIGHT, gop=2.0), policy=Policy.BLOCK)
+        pipeline.start()
+        pipeline.add_audio_stream(info)  # a live input's audio parameters come with its first packet
+        await pipeline.submit_audio(*packets[0])
+        with pytest.raises(RuntimeError, match="before the first frame or audio packet"):
+            pipeline.add_audio_stream(info)
+        await pipeline.submit(PatternFrames(WIDTH, HEIGHT).frame(0), packets[0][1])
+        for packet, pts in packets[1:]:
+            await pipeline.submit_audio(packet, pts)
+        await pipeline.stop()
+        (segment,) = await reader
+    assert decode(segment).audio_streams == 1
+    assert len(decode(segment).audio_pts) == len(packets)
+    assert_nothing_left()
