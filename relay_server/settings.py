@@ -6,7 +6,8 @@ TRICKLE_BUFFER_SIZE  bytes a session buffers between the subscriber and the deco
                      the subscriber waits (default 4194304).
 TRICKLE_TIMEOUT      seconds a trickle request may go without progress (connecting, waiting
                      for a segment to start, or mid-body) before it is re-issued (default 20).
-TRICKLE_WORKERS      most threads a session may use for decoding and encoding (default 2).
+TRICKLE_WORKERS      threads each of a session's codecs (the input decoder, the output encoder)
+                     may use; slice threads, which add no latency (default 2).
 """
 
 from __future__ import annotations

@@ -159,6 +159,7 @@ class Transcoder:
         self._decoder_exited = loop.create_future()
         self._wake = asyncio.Event()
         self._started_at = time.monotonic()
+        log.info("transcoder %s: hot path %s", self.name, _fast.IMPLEMENTATION)
         subscriber: AsyncIterable[AsyncIterable[bytes]]
         subscriber = Subscriber(self._source) if isinstance(self._source, str) else self._source
         feeding: asyncio.Task[None] | None = None

@@ -94,6 +94,19 @@ class Publisher:
     def next_seq(self) -> int | None:
         return self._seq
 
+    async def create_channel(self) -> None:
+        """Create the channel now (`POST /{ch}` with its MIME type), so readers can wait on it
+        before the first segment is written."""
+        try:
+            async with self._http().post(
+                self.url, headers={protocol.EXPECT_CONTENT: self.mime_type}
+            ) as response:
+                status = response.status
+        except _TRANSPORT_ERRORS as exc:
+            raise TrickleError(f"creating {self.url}: {exc!r}") from exc
+        if status != 200:
+            raise TrickleError(f"creating {self.url}: HTTP {status}")
+
     async def segment(self) -> SegmentWriter:
         """Start the next segment (already preconnected when possible) and preconnect the one after."""
         if self._closed:

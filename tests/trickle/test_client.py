@@ -409,3 +409,29 @@ def _readers(server: TrickleServer, channel: str, seq: int) -> int:
 def _size(server: TrickleServer, channel: str, seq: int) -> int:
     segment = _segments(server, channel).get(seq)
     return -1 if segment is None else segment.size
+
+
+async def test_create_channel_lets_readers_wait_before_the_first_segment(
+    trickle_server: TrickleServer,
+) -> None:
+    url = trickle_server.channel_url("created")
+    async with Publisher(url, mime_type="video/MP2T") as publisher:
+        await publisher.create_channel()
+        assert trickle_server.snapshot("created").mime_type == "video/MP2T"  # type: ignore[union-attr]
+        async with Subscriber(url, startup_grace=0) as subscriber:
+            pending = asyncio.create_task(anext(subscriber))
+            await trickle_server.wait_until(lambda: _readers(trickle_server, "created", 0) > 0)
+            async with await publisher.segment() as zero:
+                await zero.write(b"first")
+            segment = await pending
+            assert (segment.seq, await read_all(segment)) == (0, b"first")
+
+
+async def test_create_channel_refused_is_an_error(
+    make_trickle_server: Callable[..., Awaitable[TrickleServer]],
+) -> None:
+    server = await make_trickle_server()
+    await server.stop()
+    async with Publisher(server.channel_url("gone")) as publisher:
+        with pytest.raises(TrickleError, match="creating"):
+            await publisher.create_channel()
