@@ -63,6 +63,52 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _add_processor(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "processor",
+        help="run the embedded WebRTC processor",
+        description="Serve ComfyStream's WebRTC contract with simple effects (passthrough, invert, "
+        "grayscale, edges) chosen by the prompt's node class types.",
+    )
+    parser.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8889), metavar="HOST:PORT")
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="artificial processing time per frame (test knob)"
+    )
+    parser.add_argument(
+        "--max-fps",
+        type=float,
+        default=0.0,
+        help="process at most this many frames per second, newest first (0: no cap)",
+    )
+    parser.add_argument(
+        "--drop-every", type=int, default=0, metavar="N", help="drop every Nth input frame (0: none)"
+    )
+    parser.add_argument(
+        "--input-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="end a returned track for good after this long without input, as ComfyStream does "
+        "(default 5, 0: never)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from relay_server.processor.pipeline import Knobs
+        from relay_server.processor.server import serve_forever
+
+        knobs = Knobs(
+            delay_ms=args.delay_ms,
+            drop_every=args.drop_every,
+            max_fps=args.max_fps,
+            input_timeout=args.input_timeout,
+        )
+        host, port = args.listen
+        asyncio.run(serve_forever(host, port, knobs))
+        return 0
+
+    parser.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trickle-relay", description=__doc__)
     parser.add_argument(
@@ -73,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_trickle_server(commands)
     _add_demo(commands)
+    _add_processor(commands)
     return parser
 
 

@@ -1,0 +1,159 @@
+"""The returned video track: reads a peer's incoming track and yields processed frames.
+
+A reader task keeps only the newest input frame (latest wins): when processing is slower than the
+input, or a rate cap is set, older frames are dropped and counted, so no queue ever grows and the
+output is never stale. recv() ends the track for good (MediaStreamError) when the input ends or,
+like ComfyStream, when no input frame arrives for `input_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import NoReturn
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from relay_server.processor.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class FrameRate:
+    """Output frames per second over the last second and the last minute."""
+
+    def __init__(self) -> None:
+        self._stamps: collections.deque[float] = collections.deque()
+        self._started = time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self._stamps.append(now)
+        while self._stamps[0] < now - 60:
+            self._stamps.popleft()
+
+    def snapshot(self) -> dict[str, float]:
+        now = time.monotonic()
+        last_second = sum(1 for stamp in self._stamps if stamp >= now - 1)
+        window = min(60.0, max(now - self._started, 1.0))
+        recent = sum(1 for stamp in self._stamps if stamp >= now - 60)
+        return {"fps": float(last_second), "minute_avg_fps": recent / window}
+
+
+class ProcessingTrack(MediaStreamTrack):
+    """Processed frames of `source`, same size, pts and time_base; the pipeline's effects apply
+    only if the peer's offer carried prompts (otherwise it is a noop peer)."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, pipeline: Pipeline, *, with_prompts: bool) -> None:
+        super().__init__()
+        self.source = source
+        self.pipeline = pipeline
+        self.with_prompts = with_prompts
+        self.rate = FrameRate()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.dropped_latest = 0  # overwritten by a newer input frame before processing
+        self.dropped_nth = 0  # dropped by the drop-every-Nth knob
+        self.end_reason = ""
+        self.finished = asyncio.Event()  # set once the track has ended, for whatever reason
+        self._newest: av.VideoFrame | None = None
+        self._taken = 0  # input frames taken for processing (the drop-every-Nth count)
+        self._arrived = asyncio.Event()
+        self._source_ended = False
+        self._next_due = 0.0  # monotonic time of the next frame under the rate cap
+        self._reader = asyncio.create_task(self._read(), name=f"processor-read-{self.id}")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frame = await self.source.recv()
+                if not isinstance(frame, av.VideoFrame):
+                    continue
+                self.frames_in += 1
+                if self._newest is not None:
+                    self.dropped_latest += 1
+                self._newest = frame
+                self._arrived.set()
+        except MediaStreamError:
+            pass
+        finally:
+            self._source_ended = True
+            self._arrived.set()
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            while True:
+                frame = await self._next_input()
+                self._taken += 1
+                drop_every = self.pipeline.knobs.drop_every
+                if drop_every and self._taken % drop_every == 0:
+                    self.dropped_nth += 1
+                    continue
+                chain = self.pipeline.current_chain(self.with_prompts)
+                out = await self.pipeline.process(frame, chain)
+                self.frames_out += 1
+                self.rate.tick()
+                return out
+        except MediaStreamError:
+            self.stop()
+            raise
+
+    async def _next_input(self) -> av.VideoFrame:
+        max_fps = self.pipeline.knobs.max_fps
+        if max_fps:
+            # Pacing under the cap: wait for the slot, then take the newest frame.
+            now = time.monotonic()
+            if self._next_due > now:
+                await asyncio.sleep(self._next_due - now)
+            interval = 1 / max_fps
+            self._next_due = max(self._next_due + interval, time.monotonic())
+        timeout = self.pipeline.knobs.input_timeout or None
+        if self._newest is None:
+            if self._source_ended:
+                self._end("input track ended")
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except TimeoutError:
+                # ComfyStream's trap, on purpose: a stalled input ends the returned video for good.
+                self._end(f"no input frame for {timeout:g} s")
+            if self._newest is None:
+                self._end("input track ended")
+        frame, self._newest = self._newest, None
+        assert frame is not None
+        return frame
+
+    def _end(self, reason: str) -> NoReturn:
+        if not self.end_reason:
+            self.end_reason = reason
+            log.info("track %s ended: %s", self.id, reason)
+        raise MediaStreamError(reason)
+
+    def stop(self) -> None:
+        super().stop()
+        if not self.end_reason:
+            self.end_reason = "stopped"
+        self._reader.cancel()
+        self.finished.set()
+
+    async def aclose(self) -> None:
+        """Stop and wait for the reader task."""
+        self.stop()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    def stats(self) -> dict[str, float | int | str]:
+        return {
+            **self.rate.snapshot(),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "dropped_latest": self.dropped_latest,
+            "dropped_nth": self.dropped_nth,
+            "ended": self.end_reason,
+        }
