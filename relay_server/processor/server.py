@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from relay_server.processor.peer import Peer
 from relay_server.processor.pipeline import Knobs, Pipeline
+from relay_server.serving import bind, until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,7 @@ class ProcessorServer:
             app.router.add_post(f"{prefix}/prompt", self._prompt)
             app.router.add_get(f"{prefix}/health", self._health)
             app.router.add_get(f"{prefix}/streams/stats", self._stats)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"http://{host}:{self.port}"
+        self._runner, self.port, self.url = await bind(app, self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is None:
@@ -144,16 +133,7 @@ class ProcessorServer:
 
 async def serve_forever(host: str, port: int, knobs: Knobs) -> None:
     """Run a ProcessorServer until SIGINT or SIGTERM, then close its peer connections and stop."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with ProcessorServer(host, port, knobs=knobs) as server:
-            log.info("processor listening on %s (%s)", server.url, knobs)
-            await stop.wait()
-            log.info("processor stopping")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    async with ProcessorServer(host, port, knobs=knobs) as server:
+        log.info("processor listening on %s (%s)", server.url, knobs)
+        await until_signalled()
+        log.info("processor stopping")

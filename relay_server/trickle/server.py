@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from types import TracebackType
 
 from aiohttp import hdrs, web
 
+from relay_server.serving import bind, until_signalled
 from relay_server.trickle.protocol import (
     CLOSED,
     CLOSED_VALUE,
@@ -422,17 +422,9 @@ class TrickleServer:
         app.router.add_post("/{channel}/{seq}", self._post)
         app.router.add_delete("/{channel}/{seq}", self._delete_segment)
         # handler_cancellation: without it aiohttp keeps running a long-poll whose client has gone.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_STOP_GRACE)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-        self.url = f"http://{_url_host(self.host)}:{self.port}"
+        self._runner, self.port, self.url = await bind(
+            app, self.host, self.port, handler_cancellation=True, shutdown_timeout=_STOP_GRACE
+        )
 
     async def stop(self) -> None:
         if self._runner is None or self._stopping:
@@ -705,31 +697,14 @@ def _stopping() -> web.Response:
     return response
 
 
-def _url_host(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 async def serve_forever(host: str, port: int, *, autocreate: bool, idle_timeout: float) -> None:
     """Run a TrickleServer until SIGINT or SIGTERM, then stop it cleanly."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with TrickleServer(host, port, autocreate=autocreate, idle_timeout=idle_timeout) as server:
-            logger.info(
-                "trickle server listening on %s (autocreate %s, idle timeout %g s)",
-                server.url,
-                "on" if autocreate else "off",
-                idle_timeout,
-            )
-            await stop.wait()
-            logger.info("trickle server stopping")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    async with TrickleServer(host, port, autocreate=autocreate, idle_timeout=idle_timeout) as server:
+        logger.info(
+            "trickle server listening on %s (autocreate %s, idle timeout %g s)",
+            server.url,
+            "on" if autocreate else "off",
+            idle_timeout,
+        )
+        await until_signalled()
+        logger.info("trickle server stopping")
