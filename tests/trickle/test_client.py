@@ -366,13 +366,25 @@ def _payload(seq: int) -> bytes:
 
 
 async def test_thousand_segments_byte_exact(trickle_server: TrickleServer) -> None:
-    url = trickle_server.channel_url("thousand")
+    await _stream_byte_exact(trickle_server, 1000)
+
+
+@pytest.mark.slow
+async def test_soak_fifty_thousand_segments_byte_exact(trickle_server: TrickleServer) -> None:
+    await _stream_byte_exact(trickle_server, 50_000)
+    # Nothing is left behind at the server once the stream is over.
+    assert trickle_server.stats.waiting_gets == trickle_server.stats.waiting_posts == 0
+    assert trickle_server.snapshot("stream") is None
+
+
+async def _stream_byte_exact(trickle_server: TrickleServer, count: int) -> None:
+    url = trickle_server.channel_url("stream")
     received: list[tuple[int, bytes]] = []
     progress = asyncio.Condition()
 
     async def produce() -> None:
         async with Publisher(url) as publisher:
-            for seq in range(1000):
+            for seq in range(count):
                 # Stay within the server's ring of the reader: at most 3 segments ahead.
                 async with progress:
                     await progress.wait_for(lambda seq=seq: seq - len(received) <= 3)
@@ -380,7 +392,7 @@ async def test_thousand_segments_byte_exact(trickle_server: TrickleServer) -> No
                 async with await publisher.segment() as writer:
                     for start in range(0, len(body), 16_384):
                         await writer.write(body[start : start + 16_384])
-            assert publisher.stats.segments == 1000
+            assert publisher.stats.segments == count
 
     async with Subscriber(url, start_seq=0) as subscriber:
         producer = asyncio.create_task(produce())
@@ -391,7 +403,7 @@ async def test_thousand_segments_byte_exact(trickle_server: TrickleServer) -> No
         await producer
         # The publisher's DELETE reached a waiting GET (Closed) or preceded the next one (404).
         assert subscriber.end_reason in ("closed", "not_found")
-    assert [seq for seq, _ in received] == list(range(1000))
+    assert [seq for seq, _ in received] == list(range(count))
     assert all(body == _payload(seq) for seq, body in received)
     assert subscriber.stats.skipped == 0
 
