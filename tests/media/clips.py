@@ -19,6 +19,8 @@ from typing import Literal
 import av
 import numpy as np
 
+from relay_server.trickle.publisher import Publisher, SegmentWriter
+
 CHUNK = 64 * 1024  # what a trickle subscriber hands out per read
 CLOCK = Fraction(1, 90_000)
 # First video pts: B-frames give the first packets dts below pts, and MPEG-TS has no negative
@@ -207,6 +209,17 @@ def _mux(packets: list[av.Packet], templates: list[av.VideoStream | av.AudioStre
 async def chunks(data: bytes, size: int = CHUNK) -> AsyncIterator[bytes]:
     for offset in range(0, len(data), size):
         yield data[offset : offset + size]
+
+
+async def publish_segments(publisher: Publisher, first: SegmentWriter, segments: Iterable[bytes]) -> None:
+    """Write `segments` live, chunk by chunk, starting with the already opened writer `first`."""
+    writer = first
+    for index, data in enumerate(segments):
+        if index:
+            writer = await publisher.segment()
+        async for chunk in chunks(data):
+            await writer.write(chunk)
+        await writer.close()
 
 
 async def memory_subscriber(

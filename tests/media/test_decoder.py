@@ -21,7 +21,16 @@ from relay_server.media.scaler import ScaleMode, Scaler
 from relay_server.media.segmenter import AudioInfo
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
-from tests.media.clips import CLOCK, ClipSpec, chunks, make_clip, memory_subscriber, read_index, take
+from tests.media.clips import (
+    CLOCK,
+    ClipSpec,
+    chunks,
+    make_clip,
+    memory_subscriber,
+    publish_segments,
+    read_index,
+    take,
+)
 
 TIMEOUT = 20.0
 QUEUE_BYTES = 256 * 1024  # smaller than most clips: feeding waits for the decoder now and then
@@ -104,12 +113,7 @@ async def through_trickle(
             await server.wait_until(lambda: server.snapshot(name) is not None)
             async with Subscriber(url, start_seq=0) as subscriber:
                 feeding = asyncio.create_task(feed(take(subscriber, len(segments)), queue))
-                for index, data in enumerate(segments):
-                    if index:
-                        writer = await publisher.segment()
-                    async for chunk in chunks(data):
-                        await writer.write(chunk)
-                    await writer.close()
+                await publish_segments(publisher, writer, segments)
                 await asyncio.wait_for(feeding, TIMEOUT)
         await asyncio.wait_for(sink.done.wait(), TIMEOUT)
     finally:

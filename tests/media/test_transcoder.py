@@ -18,7 +18,7 @@ from relay_server.media.scaler import ScaleMode
 from relay_server.media.transcoder import EncoderSettings, Transcoder
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
-from tests.media.clips import Clip, ClipSpec, chunks, make_clip, read_index, take
+from tests.media.clips import Clip, ClipSpec, make_clip, publish_segments, read_index, take
 from tests.media.test_decoder import damaged_payload
 from tests.media.test_output import read_segments
 from tests.media.test_segmenter import decode
@@ -92,12 +92,7 @@ async def transcode(
                 policy=Policy.BLOCK,
             )
             running = asyncio.create_task(transcoder.run())
-            for index, data in enumerate(segments):
-                if index:
-                    writer = await source.segment()
-                async for chunk in chunks(data):
-                    await writer.write(chunk)
-                await writer.close()
+            await publish_segments(source, writer, segments)
             await asyncio.wait_for(running, TIMEOUT)
         received = await asyncio.wait_for(read_segments(out_url, transcoder.stats.sink.segments), TIMEOUT)
     assert_no_tasks_left()
@@ -206,12 +201,8 @@ async def test_stop_mid_stream_leaves_nothing_behind(trickle_server: TrickleServ
             return snapshot is not None and any(s.readers for s in snapshot.segments.values())
 
         await trickle_server.wait_until(reading, TIMEOUT)
-        for index, data in enumerate(clip.segments[:2]):  # then the input goes quiet, still open
-            if index:
-                writer = await source.segment()
-            async for chunk in chunks(data):
-                await writer.write(chunk)
-            await writer.close()
+        # Two segments, then the input goes quiet, still open.
+        await publish_segments(source, writer, clip.segments[:2])
 
         def output_started() -> bool:
             snapshot = trickle_server.snapshot("out")
