@@ -78,7 +78,15 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
         "--max-fps",
         type=float,
         default=0.0,
-        help="process at most this many frames per second, newest first (0: no cap)",
+        help="process at most this many frames per second (0: no cap)",
+    )
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=0,
+        metavar="N",
+        help="queue up to N input frames and process the oldest first, as ComfyStream does "
+        "(default 0: only the newest frame waits)",
     )
     parser.add_argument(
         "--drop-every", type=int, default=0, metavar="N", help="drop every Nth input frame (0: none)"
@@ -101,6 +109,7 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
             drop_every=args.drop_every,
             max_fps=args.max_fps,
             input_timeout=args.input_timeout,
+            queue=args.queue,
         )
         host, port = args.listen
         asyncio.run(serve_forever(host, port, knobs))

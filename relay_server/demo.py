@@ -1,37 +1,39 @@
-"""`trickle-relay demo`: the relay's parts built so far, end to end on embedded defaults.
+"""`trickle-relay demo`: the relay end to end on embedded defaults.
 
-An embedded trickle server; a live source publishing a 1280×720 H.264 test pattern as 2 s
-MPEG-TS segments in real time on an input channel; the media pipeline (progressive decode,
-letterbox to 512×512, one long-lived x264, one output segment per GOP) publishing to an output
-channel; a subscriber writing the output channel to a file. A status line shows the pipeline
-live; the summary decodes the output file to show every frame arrived.
+An embedded trickle server; a live source publishing a 1280×720 H.264 test pattern on an input
+channel (each 1 s segment streamed while its frames are encoded, in real time); the embedded
+processor (WebRTC, ComfyStream's contract) running an "invert" prompt; the relay between them
+(progressive decode, letterbox to 512×512, paced send over WebRTC, returned frames re-encoded
+into one output segment per GOP) publishing to an output channel; a subscriber writing the output
+channel to a file. A status line shows the relay live; the summary decodes the output file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
 import av
 
-from relay_server.media.output import Policy
-from relay_server.media.testsource import pattern_segments
-from relay_server.media.transcoder import Transcoder
+from relay_server.media.testsource import publish_pattern
+from relay_server.processor import ProcessorServer
+from relay_server.session.relay import Relay
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 
-SEGMENT_SECONDS = 2.0
 SOURCE_SIZE = (1280, 720)
 OUTPUT_SIZE = (512, 512)
+PROMPT = [{"1": {"class_type": "Invert", "inputs": {}}}]
 
 
 async def run_demo(output_dir: Path, seconds: float = 10.0, fps: int = 30) -> int:
     output = output_dir / "output.ts"
     frames = round(seconds * fps)
-    async with TrickleServer() as server:
+    async with TrickleServer() as server, ProcessorServer() as processor:
         source_url, output_url = server.channel_url("demo"), server.channel_url("demo-out")
-        print(f"trickle server {server.url}: {source_url} → relay → {output_url}")
+        print(f"trickle server {server.url}: {source_url} → relay ⇄ processor {processor.url} → {output_url}")
         # Both channels exist before anyone reads them, as a gateway's would: readers wait on
         # them from the start and cannot miss a first segment.
         source = Publisher(source_url)
@@ -39,31 +41,19 @@ async def run_demo(output_dir: Path, seconds: float = 10.0, fps: int = 30) -> in
         # Closing this publisher DELETEs the output channel: the end of stream for its readers.
         output_publisher = Publisher(output_url)
         await output_publisher.create_channel()
-        # The source delivers whole segments at once: the encoder takes every frame of the burst
-        # (BLOCK) instead of keeping only the newest, as a live processor hand-off would.
-        transcoder = Transcoder(
-            source_url, output_publisher, width=OUTPUT_SIZE[0], height=OUTPUT_SIZE[1], policy=Policy.BLOCK
-        )
+        width, height = OUTPUT_SIZE
+        relay = Relay(source_url, output_publisher, processor.url, width=width, height=height, prompts=PROMPT)
         status_done = asyncio.Event()
 
-        async def relay() -> None:
+        async def run_relay() -> None:
             try:
-                await transcoder.run()  # until the source ends, then the last segment is flushed
+                await relay.run()  # until the source ends, then the last segment is flushed
             finally:
                 await output_publisher.close()
 
         async def publish_source() -> None:
-            loop = asyncio.get_running_loop()
-            segments = pattern_segments(*SOURCE_SIZE, fps, SEGMENT_SECONDS, frames=frames)
-            start = loop.time()
             async with source as publisher:
-                index = 0
-                while (data := await loop.run_in_executor(None, next, segments, None)) is not None:
-                    # Live pacing: a segment goes out once its media time has passed.
-                    index += 1
-                    await asyncio.sleep(max(0.0, start + index * SEGMENT_SECONDS - loop.time()))
-                    async with await publisher.segment() as segment:
-                        await segment.write(data)
+                await publish_pattern(publisher, *SOURCE_SIZE, fps=fps, frames=frames)
 
         async def save_output() -> int:
             received = 0
@@ -79,11 +69,15 @@ async def run_demo(output_dir: Path, seconds: float = 10.0, fps: int = 30) -> in
         async def show_status() -> None:
             started = time.monotonic()
             while not status_done.is_set():
-                stats = transcoder.stats
+                stats = relay.stats
+                latency = stats.link.latency_p50
                 print(
-                    f"  t={time.monotonic() - started:5.1f}s  decoded {stats.frames_in:4d}  encoded "
-                    f"{stats.frames_out:4d}  segments out {stats.segmenter.segments:3d}  "
-                    f"input {stats.decoder.bytes_read / 1e6:6.2f} MB  hot path {stats.implementation}",
+                    f"  t={time.monotonic() - started:5.1f}s  {stats.link.state.value:<12}"
+                    f" decoded {stats.frames_decoded:4d}  sent {stats.link.send.frames:4d}"
+                    f"  returned {stats.frames_returned:4d}  encoded {stats.frames_encoded:4d}"
+                    f"  segments out {stats.segmenter.segments:3d}"
+                    f"  round trip p50 {'-' if math.isnan(latency) else f'{latency * 1000:.0f} ms'}"
+                    f"  hot path {stats.implementation}",
                     flush=True,
                 )
                 try:
@@ -93,14 +87,19 @@ async def run_demo(output_dir: Path, seconds: float = 10.0, fps: int = 30) -> in
                     pass
 
         try:
-            _, _, received, _ = await asyncio.gather(publish_source(), relay(), save_output(), show_status())
+            jobs = publish_source(), run_relay(), save_output(), show_status()
+            _, _, received, _ = await asyncio.gather(*jobs)
         finally:
-            await transcoder.stop()
+            await relay.stop()
+        stats = relay.stats
 
     with av.open(str(output)) as container:
         decoded = sum(1 for _ in container.decode(video=0))
     print(
-        f"wrote {output}: {received} segments, {decoded} of {frames} frames decode "
-        f"({SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} in, {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]} out)"
+        f"wrote {output}: {received} segments, {decoded} frames decode ({frames} published,"
+        f" {stats.frames_returned} came back from the processor; {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} in,"
+        f" {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]} out); round trip p50"
+        f" {stats.link.latency_p50 * 1000:.0f} ms, p99 {stats.link.latency_p99 * 1000:.0f} ms"
     )
-    return 0 if decoded == frames else 1
+    # aiortc's jitter buffers may keep the very last frame: all but a couple must come through.
+    return 0 if decoded >= frames - 3 else 1

@@ -36,6 +36,21 @@ class EncoderStats:
     reformatted: int = 0  # frames not yuv420p at the session size, converted first
 
 
+@dataclass(frozen=True)
+class EncoderSettings:
+    """A session's output encoding."""
+
+    preset: str = "ultrafast"
+    bitrate: int = 2_000_000
+    gop: float = 2.0  # seconds of media time per GOP, and so per output segment
+    fps: float = 30.0  # a rate-control hint only: timestamps decide frame durations
+
+    def encoder(self, width: int, height: int) -> VideoEncoder:
+        return VideoEncoder(
+            width, height, gop=self.gop, preset=self.preset, bitrate=self.bitrate, fps=self.fps
+        )
+
+
 class VideoEncoder:
     """H.264 for one session: `encode(frame, pts90k)` for each frame, `close()` at the end."""
 
@@ -49,6 +64,7 @@ class VideoEncoder:
         bitrate: int = 2_000_000,
         fps: float = 30.0,
         threads: int | None = None,
+        profile: str | None = None,
     ) -> None:
         if gop <= 0:
             raise ValueError(f"gop must be positive, got {gop}")
@@ -83,6 +99,8 @@ class VideoEncoder:
             "maxrate": str(bitrate),
             "bufsize": str(bitrate),
         }
+        if profile is not None:
+            codec.profile = profile  # e.g. "baseline": what WebRTC peers are sure to decode
         codec.open()
         self._codec = codec
 
@@ -90,6 +108,11 @@ class VideoEncoder:
     def last_pts(self) -> int | None:
         """Timestamp of the last frame encoded (after any fix-up)."""
         return self._last_pts
+
+    def request_keyframe(self) -> None:
+        """Make the next frame an IDR (a receiver lost the picture). Any thread: at worst the
+        frame after the one being encoded gets it."""
+        self._next_idr = None
 
     def encode(self, frame: av.VideoFrame, pts90k: int) -> list[av.Packet]:
         """Encode `frame` at `pts90k`; returns the packets ready (pts = dts, on the 90 kHz clock).

@@ -6,13 +6,16 @@ trickle channel do; timestamps run on across segments on the 90 kHz clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 
 import av
 import numpy as np
 
 from relay_server.media.encoder import CLOCK, VideoEncoder
+from relay_server.media.output import OutputPipeline, Policy
 from relay_server.media.segmenter import Segmenter
+from relay_server.trickle.publisher import Publisher
 
 
 class PatternFrames:
@@ -87,3 +90,40 @@ def pattern_segments(
         segmenter.mux_video(packet)
     segmenter.close()
     yield from segments.take()
+
+
+async def publish_pattern(
+    publisher: Publisher,
+    width: int = 512,
+    height: int = 512,
+    *,
+    fps: int = 30,
+    frames: int | None = None,
+    segment_seconds: float = 1.0,
+    paused: Callable[[int], Awaitable[None]] | None = None,
+) -> int:
+    """Publish the test pattern live: frames made at `fps` in real time, each segment streamed
+    to the channel while its frames are being encoded, as a live encoder upstream does. Endless
+    unless `frames` is given; returns the frames published. `paused(index)`, if given, is
+    awaited before each frame: a test can stall the source there. The publisher is not closed."""
+    encoder = VideoEncoder(width, height, gop=segment_seconds, fps=fps, bitrate=1_500_000)
+    pipeline = OutputPipeline(publisher, encoder, policy=Policy.BLOCK)
+    pattern = PatternFrames(width, height)
+    loop = asyncio.get_running_loop()
+    pipeline.start()
+    index = 0
+    try:
+        start = loop.time()
+        while frames is None or index < frames:
+            frame = await loop.run_in_executor(None, pattern.frame, index)
+            if paused is not None:
+                stalled = loop.time()
+                await paused(index)
+                start += loop.time() - stalled  # the media clock runs on across a stall
+            # Live pacing: a frame is published at its media time.
+            await asyncio.sleep(max(0.0, start + index / fps - loop.time()))
+            await pipeline.submit(frame, round(index / fps / CLOCK))
+            index += 1
+    finally:
+        await pipeline.stop()
+    return index

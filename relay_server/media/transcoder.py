@@ -2,6 +2,7 @@
 
     subscriber ─feed()─▶ ChunkQueue ─▶ Decoder (+ Scaler) ─▶ OutputPipeline ─▶ publisher
      (event loop)         (bounded)     (decode thread)      (encode thread)    (event loop)
+    └──────────────────── MediaInput ──────────────────┘
 
 Output timestamps are the input's, on the 90 kHz clock (MPEG-TS input already is), for video and
 audio alike, so the two stay in sync; the encoder keeps video monotonic. The input's audio (AAC or
@@ -10,7 +11,8 @@ Opus) is carried through as it is, unless drop_audio.
 Frames cross from the decode thread to the event loop with run_coroutine_threadsafe(submit(...)),
 waited for on the decode thread: under Policy.BLOCK that is the back-pressure that slows decoding
 (and so, through the ChunkQueue, reading) to the encoder's pace; under Policy.LATEST submit()
-returns at once. The loop never waits on a thread: the decoder's on_exit tells it when to join.
+returns at once. The loop never waits on a thread: MediaInput.ended and OutputPipeline.failed
+tell it when a side is done.
 """
 
 from __future__ import annotations
@@ -26,28 +28,19 @@ from typing import Any, TypeVar
 
 import av
 
-from relay_server import _fast, settings
-from relay_server._fast import ChunkQueue
-from relay_server.media.decoder import Decoder, DecoderStats
-from relay_server.media.encoder import CLOCK, EncoderStats, VideoEncoder
-from relay_server.media.feeder import FeedStats, feed
+from relay_server import _fast
+from relay_server.media.decoder import DecoderStats
+from relay_server.media.encoder import CLOCK, EncoderSettings, EncoderStats
+from relay_server.media.feeder import FeedStats
+from relay_server.media.input import MediaInput
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
-from relay_server.media.scaler import ScaleMode, Scaler
+from relay_server.media.scaler import ScaleMode
 from relay_server.media.segmenter import AudioInfo, SegmenterStats
 from relay_server.trickle.publisher import Publisher
-from relay_server.trickle.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    preset: str = "ultrafast"
-    bitrate: int = 2_000_000
-    gop: float = 2.0  # seconds of media time per GOP, and so per output segment
-    fps: float = 30.0  # a rate-control hint only: timestamps decide frame durations
 
 
 @dataclass(frozen=True)
@@ -94,34 +87,26 @@ class Transcoder:
             raise ValueError(f"the output size must be positive, got {width}x{height}")
         encoding = encoder or EncoderSettings()
         self.name = name
-        self.feed_stats = FeedStats()
-        self._source = source
         self._publisher = Publisher(output) if isinstance(output, str) else output
         self._owns_publisher = isinstance(output, str)
-        self._queue = ChunkQueue(buffer_size or settings.buffer_size())
-        video_encoder = VideoEncoder(
-            width,
-            height,
-            gop=encoding.gop,
-            preset=encoding.preset,
-            bitrate=encoding.bitrate,
-            fps=encoding.fps,
+        self._pipeline = OutputPipeline(
+            self._publisher, encoding.encoder(width, height), policy=policy, drop_audio=drop_audio
         )
-        self._pipeline = OutputPipeline(self._publisher, video_encoder, policy=policy, drop_audio=drop_audio)
-        self._decoder = Decoder(
-            self._queue,
-            self._on_frame,
-            scaler=Scaler(width, height, mode),
+        self._input = MediaInput(
+            source,
+            on_frame=self._on_frame,
+            width=width,
+            height=height,
+            mode=mode,
             # With drop_audio the demuxer leaves audio alone altogether.
             on_audio=None if drop_audio else self._on_audio,
             on_audio_stream=self._on_audio_stream,
-            on_exit=self._on_decoder_exit,
-            name=f"decoder {name}",
+            buffer_size=buffer_size,
+            name=name,
         )
         self._carry_audio = False  # set on the loop once the pipeline took the audio stream
         self._audio_skipped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._decoder_exited: asyncio.Future[None] | None = None
         self._started_at: float | None = None
         self._ran = False
         self._stopping = False
@@ -129,8 +114,12 @@ class Transcoder:
         self._done = asyncio.Event()  # run() has cleaned up (or will never run)
 
     @property
+    def feed_stats(self) -> FeedStats:
+        return self._input.feed_stats
+
+    @property
     def stats(self) -> TranscoderStats:
-        decoder, encoder = copy.copy(self._decoder.stats), copy.copy(self._pipeline.encoder.stats)
+        decoder, encoder = self._input.decoder_stats, copy.copy(self._pipeline.encoder.stats)
         return TranscoderStats(
             implementation=_fast.IMPLEMENTATION,
             elapsed=0.0 if self._started_at is None else time.monotonic() - self._started_at,
@@ -155,23 +144,16 @@ class Transcoder:
         if self._stopping:
             self._done.set()
             return
-        loop = self._loop = asyncio.get_running_loop()
-        self._decoder_exited = loop.create_future()
+        self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._started_at = time.monotonic()
         log.info("transcoder %s: hot path %s", self.name, _fast.IMPLEMENTATION)
-        subscriber: AsyncIterable[AsyncIterable[bytes]]
-        subscriber = Subscriber(self._source) if isinstance(self._source, str) else self._source
-        feeding: asyncio.Task[None] | None = None
         try:
             self._pipeline.start()
-            self._decoder.start()
-            feeding = loop.create_task(
-                feed(subscriber, self._queue, self.feed_stats), name=f"feed {self.name}"
-            )
+            self._input.start()
             await self._until_done()
         finally:
-            await self._shut_down(feeding, subscriber)
+            await self._shut_down()
 
     async def stop(self) -> None:
         """End the run now (the output is still flushed) and wait until it has cleaned up; any
@@ -186,8 +168,8 @@ class Transcoder:
 
     async def _until_done(self) -> None:
         """Wait for the decode thread to end, or for stop() or an output failure to end it."""
-        assert self._decoder_exited is not None and self._wake is not None
-        waits: list[asyncio.Future[Any]] = [self._decoder_exited, self._pipeline.failed]
+        assert self._wake is not None
+        waits: list[asyncio.Future[Any]] = [self._input.ended, self._pipeline.failed]
         stopping = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait([*waits, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -195,36 +177,23 @@ class Transcoder:
             stopping.cancel()
             await asyncio.wait([stopping])
 
-    async def _shut_down(
-        self, feeding: asyncio.Task[None] | None, subscriber: AsyncIterable[AsyncIterable[bytes]]
-    ) -> None:
+    async def _shut_down(self) -> None:
         """Runs however run() ends (also when it is cancelled): every thread joined, every task
         awaited, then the first error raised."""
         try:
-            # Stop asking for input; a decode thread inside on_frame finishes that frame first
-            # (under BLOCK the encode thread keeps making room), then sees the request.
-            self._decoder.stop(wait=False)
-            if self._decoder_exited is not None and self._decoder.running:
-                await asyncio.shield(self._decoder_exited)
-            self._decoder.stop()  # the thread has signalled its exit: this join is immediate
-            if feeding is not None:
-                feeding.cancel()  # it may be waiting on the network for a next segment
-                await asyncio.wait([feeding])
+            # The input first: a decode thread inside on_frame finishes that frame (under BLOCK
+            # the encode thread keeps making room), then stops; the pipeline then flushes.
+            await self._input.stop()
             pipeline_error: BaseException | None = None
             try:
                 await self._pipeline.stop()
             except Exception as exc:
                 pipeline_error = exc
-            feed_error = None
-            if feeding is not None and not feeding.cancelled():
-                feed_error = feeding.exception()
             # The root cause first: a failed input or output also fails the decoder.
-            error = feed_error or pipeline_error or self._decoder.error
+            error = self._input.feed_error or pipeline_error or self._input.decoder_error
             if error is not None:
                 raise error
         finally:
-            if isinstance(self._source, str) and isinstance(subscriber, Subscriber):
-                await subscriber.close()
             if self._owns_publisher:
                 await self._publisher.close(delete_channel=False)
             self._done.set()
@@ -259,10 +228,6 @@ class Transcoder:
             return
         self._call(self._submit_audio(packet, _to_clock(packet.pts, packet.time_base)))
 
-    def _on_decoder_exit(self) -> None:
-        assert self._loop is not None and self._decoder_exited is not None
-        self._loop.call_soon_threadsafe(_resolve, self._decoder_exited)
-
     def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run `coroutine` on the loop and wait for it here, on the decode thread."""
         assert self._loop is not None
@@ -274,8 +239,3 @@ def _to_clock(pts: int, time_base: Fraction | None) -> int:
     if time_base is None or time_base == CLOCK:
         return pts
     return round(pts * time_base / CLOCK)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -12,7 +12,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
@@ -50,7 +56,8 @@ class Peer:
     def __init__(self, pipeline: Pipeline, *, with_prompts: bool, on_closed: Callable[[Peer], None]) -> None:
         self.pipeline = pipeline
         self.with_prompts = with_prompts
-        self.pc = RTCPeerConnection()
+        # No ICE servers: aiortc would otherwise query a public STUN server for every connection.
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tracks: list[ProcessingTrack] = []
         self.closed = asyncio.Event()
         self._controls: list[ControlChannel] = []

@@ -26,15 +26,19 @@ DEFAULT_RESOLUTION = (512, 512)
 class Knobs:
     """Test knobs. delay_ms: artificial processing time per frame; drop_every: drop every Nth
     frame (0: none); max_fps: processing-rate cap (0: none); input_timeout: seconds without an
-    input frame after which a returned track ends for good (ComfyStream's watchdog; 0: never)."""
+    input frame after which a returned track ends for good (ComfyStream's watchdog; 0: never);
+    queue: input frames kept in arrival order and processed oldest first, as ComfyStream does
+    (it queues without bound; this is its bound, the oldest dropping beyond it; 0: only the
+    newest frame is kept)."""
 
     delay_ms: float = 0.0
     drop_every: int = 0
     max_fps: float = 0.0
     input_timeout: float = 5.0
+    queue: int = 0
 
     def __post_init__(self) -> None:
-        if self.delay_ms < 0 or self.drop_every < 0 or self.max_fps < 0 or self.input_timeout < 0:
+        if min(self.delay_ms, self.drop_every, self.max_fps, self.input_timeout, self.queue) < 0:
             raise ValueError(f"knobs must not be negative: {self}")
 
 

@@ -2,7 +2,9 @@
 
 A reader task keeps only the newest input frame (latest wins): when processing is slower than the
 input, or a rate cap is set, older frames are dropped and counted, so no queue ever grows and the
-output is never stale. recv() ends the track for good (MediaStreamError) when the input ends or,
+output is never stale. The `queue` knob instead keeps up to that many frames in arrival order and
+processes the oldest first, as ComfyStream does: a slow pipeline then falls behind its input.
+recv() ends the track for good (MediaStreamError) when the input ends or,
 like ComfyStream, when no input frame arrives for `input_timeout` seconds.
 """
 
@@ -57,11 +59,12 @@ class ProcessingTrack(MediaStreamTrack):
         self.rate = FrameRate()
         self.frames_in = 0
         self.frames_out = 0
-        self.dropped_latest = 0  # overwritten by a newer input frame before processing
+        self.dropped_latest = 0  # pushed out by newer input frames before processing
+        self.max_queued = 0  # most input frames waiting at once
         self.dropped_nth = 0  # dropped by the drop-every-Nth knob
         self.end_reason = ""
         self.finished = asyncio.Event()  # set once the track has ended, for whatever reason
-        self._newest: av.VideoFrame | None = None
+        self._inbox: collections.deque[av.VideoFrame] = collections.deque()
         self._taken = 0  # input frames taken for processing (the drop-every-Nth count)
         self._arrived = asyncio.Event()
         self._source_ended = False
@@ -75,9 +78,11 @@ class ProcessingTrack(MediaStreamTrack):
                 if not isinstance(frame, av.VideoFrame):
                     continue
                 self.frames_in += 1
-                if self._newest is not None:
+                self._inbox.append(frame)
+                if len(self._inbox) > max(1, self.pipeline.knobs.queue):
+                    self._inbox.popleft()
                     self.dropped_latest += 1
-                self._newest = frame
+                self.max_queued = max(self.max_queued, len(self._inbox))
                 self._arrived.set()
         except MediaStreamError:
             pass
@@ -115,7 +120,7 @@ class ProcessingTrack(MediaStreamTrack):
             interval = 1 / max_fps
             self._next_due = max(self._next_due + interval, time.monotonic())
         timeout = self.pipeline.knobs.input_timeout or None
-        if self._newest is None:
+        if not self._inbox:
             if self._source_ended:
                 self._end("input track ended")
             self._arrived.clear()
@@ -124,11 +129,9 @@ class ProcessingTrack(MediaStreamTrack):
             except TimeoutError:
                 # ComfyStream's trap, on purpose: a stalled input ends the returned video for good.
                 self._end(f"no input frame for {timeout:g} s")
-            if self._newest is None:
+            if not self._inbox:
                 self._end("input track ended")
-        frame, self._newest = self._newest, None
-        assert frame is not None
-        return frame
+        return self._inbox.popleft()
 
     def _end(self, reason: str) -> NoReturn:
         if not self.end_reason:
@@ -154,6 +157,7 @@ class ProcessingTrack(MediaStreamTrack):
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "dropped_latest": self.dropped_latest,
+            "max_queued": self.max_queued,
             "dropped_nth": self.dropped_nth,
             "ended": self.end_reason,
         }

@@ -1,33 +1,11 @@
-"""Retry timing after failures (never used to discover work)."""
+"""A trickle request's retries: Backoff delays, then a TrickleError once none are left."""
 
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Iterator
-from dataclasses import dataclass
 
+from relay_server.backoff import Backoff
 from relay_server.trickle.errors import TrickleError
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential delays with jitter: `initial`, then ×`factor` up to `maximum`, `attempts` times."""
-
-    initial: float = 0.3
-    factor: float = 2.0
-    maximum: float = 4.0
-    attempts: int = 5
-    jitter: float = 0.1
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial
-        for _ in range(self.attempts):
-            yield delay * (1.0 + random.uniform(-self.jitter, self.jitter))
-            delay = min(delay * self.factor, self.maximum)
-
-    def budget(self, target: str) -> RetryBudget:
-        return RetryBudget(self, target)
 
 
 class RetryBudget:

@@ -21,8 +21,9 @@ from types import TracebackType
 import aiohttp
 
 from relay_server import settings
+from relay_server.backoff import Backoff
 from relay_server.trickle import protocol
-from relay_server.trickle.backoff import Backoff, RetryBudget
+from relay_server.trickle.backoff import RetryBudget
 from relay_server.trickle.errors import ChannelClosedError, TrickleError
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Publisher:
         return upload
 
     async def _fetch_next_write(self) -> int:
-        failures = self.backoff.budget(f"GET {self.url}/next")
+        failures = RetryBudget(self.backoff, f"GET {self.url}/next")
         while True:
             try:
                 async with self._http().get(f"{self.url}/next") as response:
@@ -228,7 +229,7 @@ class _Upload:
 
     async def _run(self) -> Outcome:
         publisher = self.publisher
-        failures = publisher.backoff.budget(f"POST {self.url}")
+        failures = RetryBudget(publisher.backoff, f"POST {self.url}")
         try:
             while True:
                 try:

@@ -20,8 +20,9 @@ from types import TracebackType
 import aiohttp
 
 from relay_server import settings
+from relay_server.backoff import Backoff
 from relay_server.trickle import protocol
-from relay_server.trickle.backoff import Backoff, RetryBudget
+from relay_server.trickle.backoff import RetryBudget
 from relay_server.trickle.errors import TrickleError
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ class Subscriber:
         Follows 470 to the live edge and skips empty segments, except when `resume` is set:
         then only `seq` itself will do, and its absence ends the segment ("lost").
         """
-        failures = self.backoff.budget(f"GET {self.url}/{seq}")
-        not_found = NOT_FOUND_BACKOFF.budget(f"GET {self.url}/{seq}")
+        failures = RetryBudget(self.backoff, f"GET {self.url}/{seq}")
+        not_found = RetryBudget(NOT_FOUND_BACKOFF, f"GET {self.url}/{seq}")
         while True:
             try:
                 async with asyncio.timeout(self._wait_limit()):

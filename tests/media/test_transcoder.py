@@ -13,9 +13,10 @@ from itertools import pairwise
 import av
 import pytest
 
+from relay_server.media.encoder import EncoderSettings
 from relay_server.media.output import Policy
 from relay_server.media.scaler import ScaleMode
-from relay_server.media.transcoder import EncoderSettings, Transcoder
+from relay_server.media.transcoder import Transcoder
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 from tests.media.clips import Clip, ClipSpec, make_clip, publish_segments, read_index, take

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from relay_server.trickle.backoff import Backoff
+from relay_server.backoff import Backoff
 from relay_server.trickle.errors import ChannelClosedError, TrickleError
 from relay_server.trickle.publisher import Outcome, Publisher
 from relay_server.trickle.server import TrickleServer

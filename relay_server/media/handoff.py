@@ -1,0 +1,114 @@
+"""LatestFrame: decoded frames from the decode thread to the event loop, newest wins.
+
+    decode thread ─put(frame)─▶ FrameSlot (pooled copies) ─▶ await next(timeout) on the loop
+
+The consumer (the paced sender) wants the newest frame whenever it is ready for one, and the
+frame it had before when nothing new came in time (the processor must keep seeing frames while
+the input stalls). Frames are copied into a few pooled buffers (_fast.copy_frame), so the steady
+state allocates nothing and the decoder's own frames are free the moment put() returns. A frame
+replaced before the consumer took it is counted in `dropped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import av
+
+from relay_server._fast import FrameSlot, copy_frame
+
+# One buffer being filled by the decode thread, one waiting in the slot, one being sent.
+BUFFERS = 3
+
+
+class LatestFrame:
+    """Hand-off of width×height yuv420p frames (the Scaler's output) with latest-wins semantics.
+
+    put() is called on the decode thread; next(), end() and close() on one event loop.
+    The frame next() returns stays valid until the following next() or close().
+    """
+
+    def __init__(self, width: int, height: int) -> None:
+        self.width = width
+        self.height = height
+        self._slot: FrameSlot[av.VideoFrame] = FrameSlot(self._new_buffer, BUFFERS)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's, from its first next()
+        self._ready = asyncio.Event()
+        self._slot.set_ready_callback(self._wake)
+        self._current: av.VideoFrame | None = None
+        self.ended = False  # end() was called: no frame will follow the newest one
+        self.reformatted = 0  # frames not at the hand-off's size or format, converted first
+
+    def _new_buffer(self) -> av.VideoFrame:
+        return av.VideoFrame(self.width, self.height, "yuv420p")
+
+    @property
+    def published(self) -> int:
+        return self._slot.published
+
+    @property
+    def dropped(self) -> int:
+        """Frames replaced by a newer one before the consumer took them."""
+        return self._slot.dropped
+
+    @property
+    def current(self) -> av.VideoFrame | None:
+        """The frame the consumer took last, if any."""
+        return self._current
+
+    def put(self, frame: av.VideoFrame) -> None:
+        """On the decode thread: make `frame` (its pixels, pts and time base) the newest."""
+        if (frame.format.name, frame.width, frame.height) != ("yuv420p", self.width, self.height):
+            frame = frame.reformat(self.width, self.height, "yuv420p")
+            self.reformatted += 1
+        buf = self._slot.acquire()
+        if buf is None:  # every buffer is in use (cannot happen with one consumer): count it
+            self._slot.drop()
+            return
+        copy_frame(frame, buf)
+        self._slot.publish(buf)
+
+    def end(self) -> None:
+        """On the loop: the input has ended. next() returns what is left, then None at once."""
+        self.ended = True
+        self._ready.set()
+
+    async def next(self, repeat_after: float | None = None) -> tuple[av.VideoFrame, bool] | None:
+        """The newest frame and True; after `repeat_after` seconds without one, the current frame
+        again and False; None if no frame ever came, or once the input has ended."""
+        self._loop = asyncio.get_running_loop()  # before the take: a later publish must wake it
+        fresh = self._slot.take()
+        if fresh is None:
+            if self.ended:
+                return None
+            try:
+                async with asyncio.timeout(repeat_after):
+                    while fresh is None:
+                        # Clear, then look: a publish after the look sets the event again.
+                        self._ready.clear()
+                        fresh = self._slot.take()
+                        if fresh is None:
+                            if self.ended:
+                                return None
+                            await self._ready.wait()
+            except TimeoutError:
+                return None if self._current is None else (self._current, False)
+        if self._current is not None:
+            self._slot.release(self._current)
+        self._current = fresh
+        return fresh, True
+
+    def close(self) -> None:
+        """Give the current frame back; the hand-off can be used again afterwards."""
+        if self._current is not None:
+            self._slot.release(self._current)
+            self._current = None
+
+    def _wake(self) -> None:
+        # On the decode thread after each publish: wake a waiting next(). Before the first
+        # next() nobody waits, and that next() takes the frame without waiting.
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(self._ready.set)

@@ -1,0 +1,1 @@
+"""Sessions: one relay's media path through its processor, and the supervision of many."""

@@ -1,0 +1,263 @@
+"""Relay: one session's media path, input channel → processor → output channel.
+
+    subscriber ─▶ MediaInput ─▶ LatestFrame ─▶ ProcessorLink ═══ WebRTC ═══ processor
+                  (decode +      (newest wins)   (paced send,                  │
+                   scale thread)                  our x264)                    │
+    publisher ◀── OutputPipeline ◀── returned frames, stamped on arrival ◀─────┘
+                  (encode thread)    (+ the last one repeated while none come)
+
+The output's timeline is the relay's own: a returned frame's pts is its arrival time on the
+monotonic clock (90 kHz, from the start of run()), since a processor's pts cannot be trusted.
+When no frame comes back for `fill_after` seconds (the processor is reconnecting, or slow to
+start again), the output either repeats the last good frame at `fps` so that players downstream
+never stall (FillMode.REPEAT, the default) or holds: nothing until frames return (FillMode.HOLD).
+
+The input's audio is not carried: the processor changes the video's timing, and audio laid on
+the arrival clock needs that delay estimated first. It is counted and left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import logging
+import time
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+
+from relay_server import _fast
+from relay_server.media.decoder import DecoderStats
+from relay_server.media.encoder import CLOCK, EncoderSettings, EncoderStats
+from relay_server.media.feeder import FeedStats
+from relay_server.media.handoff import LatestFrame
+from relay_server.media.input import MediaInput
+from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
+from relay_server.media.scaler import ScaleMode
+from relay_server.media.segmenter import SegmenterStats
+from relay_server.trickle.publisher import Publisher
+from relay_server.webrtc.link import LinkSettings, LinkState, LinkStats, ProcessorLink
+
+log = logging.getLogger(__name__)
+
+# Seconds without a returned frame before the output fills the gap: a few frame intervals, so
+# that a processor's ordinary jitter never triggers it.
+FILL_AFTER = 0.25
+# How long the last frames may take to come back once the input has ended. aiortc's jitter
+# buffers (the processor's and ours) release a frame only when the next one starts, so the very
+# last frame may never come back; this bounds the wait for it.
+DRAIN_SECONDS = 0.5
+
+
+class FillMode(enum.Enum):
+    REPEAT = "repeat"  # the last good frame again, at the output frame rate
+    HOLD = "hold"  # nothing: the output resumes when frames return
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    implementation: str  # which relay_server._fast build moves the bytes
+    elapsed: float  # seconds since run() started
+    frames_decoded: int
+    frames_dropped: int  # decoded but replaced by a newer frame before they could be sent
+    frames_returned: int
+    frames_filled: int  # repeated into the output while none came back
+    frames_encoded: int
+    link: LinkStats
+    feed: FeedStats = field(default_factory=FeedStats)
+    decoder: DecoderStats = field(default_factory=DecoderStats)
+    pipeline: PipelineStats = field(default_factory=PipelineStats)
+    encoder: EncoderStats = field(default_factory=EncoderStats)
+    segmenter: SegmenterStats = field(default_factory=SegmenterStats)
+    sink: SinkStats = field(default_factory=SinkStats)
+
+
+class Relay:
+    """Runs a session's media path until the input ends, stop() or a failure (run() raises it:
+    the input's, the link's LinkError, the output's). `source` is a channel URL or anything a
+    Subscriber is; `output` a channel URL or a Publisher (one made here is closed, the channel
+    kept). Run once."""
+
+    def __init__(
+        self,
+        source: str | AsyncIterable[AsyncIterable[bytes]],
+        output: str | Publisher,
+        processor_url: str,
+        *,
+        width: int,
+        height: int,
+        prompts: list[dict[str, Any]] | None = None,
+        mode: ScaleMode = ScaleMode.LETTERBOX,
+        encoder: EncoderSettings | None = None,
+        link: LinkSettings | None = None,
+        fill: FillMode = FillMode.REPEAT,
+        fill_after: float = FILL_AFTER,
+        on_link_state: Callable[[LinkState, str], None] | None = None,
+        on_data: Callable[[str], None] | None = None,
+        buffer_size: int | None = None,
+        name: str = "relay",
+    ) -> None:
+        if width <= 0 or height <= 0:
+            raise ValueError(f"the session size must be positive, got {width}x{height}")
+        encoding = encoder or EncoderSettings()
+        self.name = name
+        self.fill = fill
+        self.fill_after = fill_after
+        self._fps = encoding.fps
+        self._publisher = Publisher(output) if isinstance(output, str) else output
+        self._owns_publisher = isinstance(output, str)
+        self._pipeline = OutputPipeline(
+            self._publisher,
+            encoding.encoder(width, height),
+            policy=Policy.LATEST,
+            drop_audio=True,
+        )
+        self._frames = LatestFrame(width, height)
+        self._input = MediaInput(
+            source,
+            on_frame=self._frames.put,
+            width=width,
+            height=height,
+            mode=mode,
+            buffer_size=buffer_size,
+            name=name,
+        )
+        self.link = ProcessorLink(
+            processor_url,
+            self._frames,
+            self._returned,
+            prompts=prompts,
+            settings=link,
+            on_data=on_data,
+            on_state=on_link_state,
+            name=name,
+        )
+        self._last: av.VideoFrame | None = None  # the last frame the output got
+        self._last_return = 0.0
+        self._filled = 0
+        self._origin = 0.0
+        self._started_at: float | None = None
+        self._ran = False
+        self._stopping = asyncio.Event()
+        self._done = asyncio.Event()
+
+    @property
+    def stats(self) -> RelayStats:
+        decoder = self._input.decoder_stats
+        link = self.link.stats
+        return RelayStats(
+            implementation=_fast.IMPLEMENTATION,
+            elapsed=0.0 if self._started_at is None else time.monotonic() - self._started_at,
+            frames_decoded=decoder.frames,
+            frames_dropped=self._frames.dropped,
+            frames_returned=link.frames_returned,
+            frames_filled=self._filled,
+            frames_encoded=self._pipeline.encoder.stats.frames,
+            link=link,
+            feed=copy.copy(self._input.feed_stats),
+            decoder=decoder,
+            pipeline=self._pipeline.stats,
+            encoder=copy.copy(self._pipeline.encoder.stats),
+            segmenter=copy.copy(self._pipeline.segmenter.stats),
+            sink=copy.copy(self._pipeline.sink.stats),
+        )
+
+    async def run(self) -> None:
+        if self._ran:
+            raise RuntimeError(f"relay {self.name} runs once")
+        self._ran = True
+        if self._stopping.is_set():
+            self._done.set()
+            return
+        self._started_at = self._origin = time.monotonic()
+        log.info("relay %s: hot path %s", self.name, _fast.IMPLEMENTATION)
+        source, link, frames = self._input, self.link, self._frames
+        linking: asyncio.Task[None] | None = None
+        filling: asyncio.Task[None] | None = None
+        try:
+            self._pipeline.start()
+            source.start()
+            linking = asyncio.create_task(link.run(), name=f"link {self.name}")
+            filling = asyncio.create_task(self._fill(), name=f"fill {self.name}")
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                ending: list[asyncio.Future[Any]] = [source.ended, linking, self._pipeline.failed, stopping]
+                await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if source.ended.done() and not linking.done():
+                frames.end()  # the send track ends; what is at the processor may still come back
+                await link.drain(DRAIN_SECONDS)
+        finally:
+            await self._shut_down(source, link, linking, filling)
+
+    async def stop(self) -> None:
+        """End the run now (the output is still flushed) and wait until it has cleaned up."""
+        self._stopping.set()
+        if not self._ran:
+            return
+        await self._done.wait()
+
+    async def _shut_down(
+        self,
+        source: MediaInput,
+        link: ProcessorLink,
+        linking: asyncio.Task[None] | None,
+        filling: asyncio.Task[None] | None,
+    ) -> None:
+        """However run() ends: every thread joined, every task awaited, then the root cause raised."""
+        try:
+            await source.stop()
+            await link.stop()
+            for task in (linking, filling):
+                if task is not None:
+                    if task is filling:
+                        task.cancel()
+                    await asyncio.wait([task])
+            link_error = linking.exception() if linking is not None and not linking.cancelled() else None
+            pipeline_error: BaseException | None = None
+            try:
+                await self._pipeline.stop()
+            except Exception as exc:
+                pipeline_error = exc
+            error = source.feed_error or link_error or pipeline_error or source.decoder_error
+            if error is not None:
+                raise error
+        finally:
+            self._frames.close()
+            if self._owns_publisher:
+                await self._publisher.close(delete_channel=False)
+            self._done.set()
+
+    # -- the output's timeline -------------------------------------------------------------------
+
+    def _pts(self, at: float) -> int:
+        return round((at - self._origin) / CLOCK)
+
+    async def _returned(self, frame: av.VideoFrame, arrival: float) -> None:
+        self._last, self._last_return = frame, arrival
+        await self._pipeline.submit(frame, self._pts(arrival))
+
+    async def _fill(self) -> None:
+        """Repeat the last frame into the output while none come back (FillMode.REPEAT). Sleeps
+        until the gap would begin; each wake-up either finds a newer frame and sleeps again, or
+        fills one frame interval."""
+        if self.fill is FillMode.HOLD:
+            return
+        interval = 1 / self._fps
+        while True:
+            now = time.monotonic()
+            if self._frames.ended:
+                return  # the input has ended: so does the output, without a tail of repeats
+            if self._last is None:
+                wake = now + self.fill_after  # nothing returned yet: nothing to repeat
+            elif now - self._last_return < self.fill_after:
+                wake = self._last_return + self.fill_after
+            else:
+                self._filled += 1
+                await self._pipeline.submit(self._last, self._pts(now))
+                wake = now + interval
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))

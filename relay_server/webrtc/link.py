@@ -1,0 +1,412 @@
+"""ProcessorLink: one session's WebRTC connection to its processor, kept alive.
+
+    LatestFrame ─▶ SendTrack (paced, our x264) ─▶ RTCPeerConnection ─▶ processor
+                                                          │
+    on_frame(frame, arrival) ◀── returned track ◀─────────┘      control / data channels
+
+run() negotiates (POST {url}/offer) and then watches the connection. When it fails or closes,
+its returned track ends, or nothing comes back for `return_timeout` seconds while frames go out,
+the peer connection is torn down completely and a new one negotiated after a backoff, with the
+current prompts; meanwhile the state is RECONNECTING with the reason, and the owner keeps its
+output's timeline. An offer refused before any connection succeeded (an invalid prompt, say) is
+fatal: retrying cannot fix it.
+
+Returned frames are stamped on arrival (monotonic clock) and matched to sent ones for the round
+trip (roundtrip.py). Their own pts say nothing reliable: ComfyStream labels a slow pipeline's
+output with stale ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import aiohttp
+import av
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from relay_server.backoff import Backoff
+from relay_server.media.encoder import EncoderStats, VideoEncoder
+from relay_server.media.handoff import LatestFrame
+from relay_server.media.pacer import Pacer
+from relay_server.webrtc.control import ControlClient, ControlError
+from relay_server.webrtc.roundtrip import LatencyWindow, RoundTrip
+from relay_server.webrtc.sendtrack import MAX_IN_FLIGHT, REPEAT_AFTER, InFlight, SendStats, SendTrack
+from relay_server.webrtc.signaling import OfferRejected, ProcessorError, negotiate
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"  # negotiating, or connected with no frame back yet
+    CONNECTED = "connected"  # processed frames are coming back
+    RECONNECTING = "reconnecting"  # the connection was lost: a new one follows a backoff
+    CLOSED = "closed"  # run() ended by stop()
+    FAILED = "failed"  # run() ended by a LinkError
+
+
+class LinkError(RuntimeError):
+    """The link cannot work: the processor refused the first offer, or reconnecting gave up."""
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    offer_timeout: float = 60.0  # seconds for /offer: with prompts, the processor warms up first
+    # No ICE servers by default: between servers on one network none is needed, and a public
+    # STUN server would be asked for every connection.
+    ice_servers: tuple[RTCIceServer, ...] = ()
+    preset: str = "ultrafast"  # x264 preset of the send leg
+    bitrate: int = 2_000_000  # of the send leg; ComfyStream sends back at 2 Mbit/s too
+    gop: float = 4.0  # seconds between the send leg's IDRs (the processor can also ask for one)
+    fps: float = 30.0  # rate-control hint of the send leg's encoder
+    repeat_after: float = REPEAT_AFTER  # input stall after which the last frame is sent again
+    max_in_flight: int = MAX_IN_FLIGHT  # frames at the processor at once (0: no limit)
+    return_timeout: float = 5.0  # seconds without a returned frame, while sending, that mean lost
+    control_timeout: float = 10.0  # seconds to wait for a control reply
+    reconnect: Backoff = field(
+        default_factory=lambda: Backoff(initial=0.25, factor=2.0, maximum=5.0, attempts=1_000_000)
+    )
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    state: LinkState
+    reason: str  # why the link is not (or no longer) connected; "" when it is
+    connections: int  # offers the processor answered
+    losses: int  # connections lost and torn down
+    frames_dropped: int  # input frames replaced by a newer one before they could be sent
+    frames_returned: int
+    returns_unmatched: int  # returned frames not matched to a sent one (no latency for them)
+    latency_p50: float  # send → return, seconds, over the last ~10 s (NaN: none matched)
+    latency_p95: float
+    latency_p99: float
+    latency_mean: float
+    peer_state: str  # aiortc's connectionState of the current connection ("" between them)
+    send: SendStats
+    encoder: EncoderStats  # the send leg's x264, summed over every connection
+
+
+class ProcessorLink:
+    """Keeps frames flowing to the processor at `url` and processed frames coming back."""
+
+    def __init__(
+        self,
+        url: str,
+        frames: LatestFrame,
+        on_frame: Callable[[av.VideoFrame, float], Awaitable[None]],
+        *,
+        prompts: list[dict[str, Any]] | None = None,
+        settings: LinkSettings | None = None,
+        on_data: Callable[[str], None] | None = None,
+        on_state: Callable[[LinkState, str], None] | None = None,
+        name: str = "link",
+    ) -> None:
+        self.url = url
+        self.frames = frames
+        self.prompts = prompts
+        self.settings = settings or LinkSettings()
+        self.name = name
+        self.state = LinkState.CONNECTING
+        self.reason = ""
+        self.latencies = LatencyWindow()
+        self._on_frame = on_frame
+        self._on_data = on_data
+        self._on_state = on_state
+        self._pacer = Pacer()
+        self._send = SendStats()
+        self._encoded = EncoderStats()  # of closed connections' encoders
+        self._connections = 0
+        self._losses = 0
+        self._returned = 0
+        self._unmatched = 0
+        self._connection: _Connection | None = None
+        self._origin = time.monotonic()  # zero of the send timeline, kept across connections
+        self._ran = False
+        self._stop = asyncio.Event()
+
+    @property
+    def stats(self) -> LinkStats:
+        connection = self._connection
+        encoder = _sum(self._encoded, connection.encoder.stats) if connection else replace(self._encoded)
+        unmatched = self._unmatched + (connection.roundtrip.unmatched if connection else 0)
+        window = self.latencies
+        return LinkStats(
+            state=self.state,
+            reason=self.reason,
+            connections=self._connections,
+            losses=self._losses,
+            frames_dropped=self.frames.dropped,
+            frames_returned=self._returned,
+            returns_unmatched=unmatched,
+            latency_p50=window.percentile(0.50),
+            latency_p95=window.percentile(0.95),
+            latency_p99=window.percentile(0.99),
+            latency_mean=window.mean(),
+            peer_state=connection.pc.connectionState if connection else "",
+            send=replace(self._send),
+            encoder=encoder,
+        )
+
+    async def run(self) -> None:
+        """Connect, and reconnect after every loss, until stop(); raises LinkError when the link
+        cannot work. Every peer connection, task and thread is gone when it returns."""
+        if self._ran:
+            raise RuntimeError(f"link {self.name} runs once")
+        self._ran = True
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"send-encode {self.name}")
+        http = aiohttp.ClientSession()
+        try:
+            await self._keep_connected(executor, http)
+        except LinkError as error:
+            self._set_state(LinkState.FAILED, str(error))
+            raise
+        finally:
+            await http.close()
+            executor.shutdown(wait=True)  # every encode has been drained: this is immediate
+            if self.state is not LinkState.FAILED:
+                self._set_state(LinkState.CLOSED, self.reason)
+
+    async def stop(self) -> None:
+        """Make run() close the connection and return (it may be awaited elsewhere)."""
+        self._stop.set()
+
+    async def control(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a `control` request (update_prompts, update_resolution, pause_prompts, ...) and
+        return the processor's reply. ControlRejected if it says it failed; ControlError when
+        no processor is connected or it does not answer in time. Prompts that the processor
+        accepted are the ones the next connection offers."""
+        connection = self._connection
+        if connection is None or self.state is not LinkState.CONNECTED:
+            raise ControlError(f"the processor is not connected ({self.state.value}: {self.reason})")
+        reply = await connection.control.request(message, self.settings.control_timeout)
+        if message.get("type") == "update_prompts":
+            self.prompts = message.get("prompts")
+        return reply
+
+    async def drain(self, within: float) -> None:
+        """Wait, at most `within` seconds, until every frame sent has come back: the input has
+        ended and its last frames are still at the processor."""
+        connection = self._connection
+        if connection is None or self.state is not LinkState.CONNECTED:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await connection.in_flight.drained()
+
+    # -- the connection loop -----------------------------------------------------------------
+
+    async def _keep_connected(self, executor: ThreadPoolExecutor, http: aiohttp.ClientSession) -> None:
+        delays = self.settings.reconnect.delays()
+        while not self._stop.is_set():
+            connection = _Connection(self, executor, http)
+            self._connection = connection
+            try:
+                reason = await self._unless_stopped(connection.run())
+            except OfferRejected as error:
+                if self._connections == 0:
+                    raise LinkError(str(error)) from error
+                reason = str(error)
+            except ProcessorError as error:
+                reason = str(error)
+            finally:
+                self._connection = None
+                await connection.close()
+                self._retire(connection)
+            if reason is None:  # stopped
+                return
+            if connection.returned:
+                delays = self.settings.reconnect.delays()  # it worked for a while: start afresh
+            self._losses += connection.answered
+            lost = LinkState.RECONNECTING if self._connections else LinkState.CONNECTING
+            self._set_state(lost, reason)
+            log.warning("link %s: %s; reconnecting", self.name, reason)
+            delay = next(delays, None)
+            if delay is None:
+                raise LinkError(f"gave up reconnecting to {self.url}: {reason}")
+            await self._unless_stopped(asyncio.sleep(delay))
+
+    async def _unless_stopped(self, work: Awaitable[_T]) -> _T | None:
+        """`work`'s result, or None once stop() was called (the work is then cancelled)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (stopping, task):
+                if not waiting.done():
+                    waiting.cancel()
+            await asyncio.wait([stopping, task])
+        return None if task.cancelled() else task.result()
+
+    def _retire(self, connection: _Connection) -> None:
+        self._encoded = _sum(self._encoded, connection.encoder.stats)
+        self._unmatched += connection.roundtrip.unmatched
+
+    def _set_state(self, state: LinkState, reason: str) -> None:
+        if (state, reason) == (self.state, self.reason):
+            return
+        self.state, self.reason = state, reason
+        if self._on_state is not None:
+            self._on_state(state, reason)
+
+    # -- called by the connection ----------------------------------------------------------------
+
+    def _answered(self) -> None:
+        self._connections += 1
+
+    async def _returned_frame(self, frame: av.VideoFrame, arrival: float) -> None:
+        self._returned += 1
+        if self.state is not LinkState.CONNECTED:
+            self._set_state(LinkState.CONNECTED, "")
+        await self._on_frame(frame, arrival)
+
+    def _data(self, message: Any) -> None:
+        if self._on_data is not None:
+            self._on_data(message if isinstance(message, str) else bytes(message).decode(errors="replace"))
+
+
+class _Connection:
+    """One peer connection: negotiated by run(), which returns why it was lost."""
+
+    def __init__(
+        self, link: ProcessorLink, executor: ThreadPoolExecutor, http: aiohttp.ClientSession
+    ) -> None:
+        settings = link.settings
+        self.link = link
+        self.http = http
+        self.answered = 0  # 1 once the processor answered the offer
+        self.returned = 0  # frames that came back on this connection
+        self.roundtrip = RoundTrip(link.latencies)
+        self.in_flight = InFlight(link._send, settings.max_in_flight)
+        frames = link.frames
+        self.encoder = VideoEncoder(
+            frames.width,
+            frames.height,
+            gop=settings.gop,
+            preset=settings.preset,
+            bitrate=settings.bitrate,
+            fps=settings.fps,
+            profile="Baseline",  # the profile every WebRTC H.264 decoder takes
+        )
+        self.track = SendTrack(
+            frames,
+            self.encoder,
+            executor,
+            pacer=link._pacer,
+            roundtrip=self.roundtrip,
+            in_flight=self.in_flight,
+            clock_origin=link._origin,
+            repeat_after=settings.repeat_after,
+            stats=link._send,
+        )
+        self.executor = executor
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
+        transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
+        transceiver.setCodecPreferences(_video_codecs())
+        # aiortc answers RTCP PLI/FIR by flagging its own encoder, which packets bypass.
+        transceiver.sender._send_keyframe = self.track.request_keyframe  # type: ignore[method-assign]
+        self.control = ControlClient(self.pc.createDataChannel("control"))
+        self.pc.createDataChannel("data").on("message", link._data)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_peer_state)
+        self._lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._receiving: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_return = 0.0
+
+    async def run(self) -> str:
+        link = self.link
+        await negotiate(
+            self.pc,
+            self.http,
+            link.url,
+            prompts=link.prompts,
+            width=link.frames.width,
+            height=link.frames.height,
+            within=link.settings.offer_timeout,
+        )
+        self.answered = 1
+        link._answered()
+        self._arm(link.settings.return_timeout)
+        return await asyncio.shield(self._lost)
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self.pc.close()  # stops the sender (and with it the track) and the receiver
+        if self._receiving is not None:
+            self._receiving.cancel()
+            await asyncio.wait([self._receiving])
+        await self.track.drain()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.encoder.close)
+
+    def _lose(self, reason: str) -> None:
+        if not self._lost.done():
+            self._lost.set_result(reason)
+
+    def _on_peer_state(self) -> None:
+        state = self.pc.connectionState
+        if state in ("failed", "closed"):
+            self._lose(f"the peer connection {state}")
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video" and self._receiving is None:
+            self._receiving = asyncio.create_task(self._receive(track), name=f"link-receive {self.link.name}")
+
+    async def _receive(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                arrival = time.monotonic()
+                assert isinstance(frame, av.VideoFrame)
+                self.returned += 1
+                self._last_return = arrival
+                self.in_flight.returned()
+                if frame.pts is not None:
+                    self.roundtrip.returned(frame.pts, arrival)
+                await self.link._returned_frame(frame, arrival)
+        except MediaStreamError:
+            self._lose("the processor's video track ended")
+        except Exception as error:
+            log.exception("link %s: returned frames cannot be delivered", self.link.name)
+            self._lose(f"returned frames cannot be delivered: {error}")
+
+    def _arm(self, timeout: float) -> None:
+        """Watchdog: lost when frames went out and none came back for `timeout` seconds. One
+        timer per `timeout`, re-armed when it fires early (no per-frame timer churn)."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            first_sent = self.roundtrip.first_sent
+            if first_sent is None:  # nothing sent yet (no input): nothing to expect back
+                self._watchdog = loop.call_later(timeout, check)
+                return
+            deadline = max(first_sent, self._last_return) + timeout
+            now = time.monotonic()
+            if now < deadline:
+                self._watchdog = loop.call_later(deadline - now, check)
+            else:
+                self._lose(f"no processed frame came back for {timeout:g} s")
+
+        self._watchdog = loop.call_later(timeout, check)
+
+
+def _video_codecs() -> list[Any]:
+    """H.264 (the processor demands it), with RTX for retransmissions."""
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    return [codec for codec in codecs if codec.mimeType.lower() in ("video/h264", "video/rtx")]
+
+
+def _sum(a: EncoderStats, b: EncoderStats) -> EncoderStats:
+    return EncoderStats(**{name: getattr(a, name) + getattr(b, name) for name in a.__dataclass_fields__})

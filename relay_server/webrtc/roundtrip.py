@@ -1,0 +1,100 @@
+"""Send → return latency: returned frames matched to the frames they were made from, by pts.
+
+A processor that keeps pts (ComfyStream in passthrough, the embedded processor) returns a frame
+with the pts it arrived with; but each WebRTC hop rebases RTP timestamps on its first packet, so
+a returned pts is the sent one minus an unknown constant. The matcher learns that constant from
+the first few returns: candidates are `returned − sent` for every recently sent pts; each further
+return keeps only the candidates under which it also matches a sent pts. Send pts come from the
+monotonic clock, so their spacing jitters and one candidate remains after a few frames. A
+processor that rewrites pts never matches: its latency is then unknown, not wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+# Sent frames remembered for matching: 10 s at 30 fps, far more than any sane round trip.
+REMEMBERED = 300
+# Returns in a row that do not match under the learned offset before it is learned anew.
+MISSES_TO_RELEARN = 10
+# Latencies kept for the percentiles: the last 10 s at 30 fps.
+WINDOW = 300
+
+
+class RoundTrip:
+    """One peer connection's matching; its latencies go to `latencies` (which may outlive it)."""
+
+    def __init__(self, latencies: LatencyWindow | None = None) -> None:
+        self.matched = 0
+        self.unmatched = 0
+        self.first_sent: float | None = None  # monotonic time of the first frame sent
+        self.latencies = latencies if latencies is not None else LatencyWindow()
+        self._sent: dict[int, float] = {}
+        self._order: deque[int] = deque()
+        self._offset: int | None = None
+        self._candidates: set[int] | None = None
+        self._misses = 0
+
+    def sent(self, pts: int, at: float) -> None:
+        """A frame went out with `pts` at monotonic time `at`."""
+        if self.first_sent is None:
+            self.first_sent = at
+        if len(self._order) == REMEMBERED:
+            self._sent.pop(self._order.popleft(), None)
+        self._order.append(pts)
+        self._sent[pts] = at
+
+    def returned(self, pts: int, at: float) -> float | None:
+        """A frame came back with `pts` at monotonic time `at`: its round trip in seconds, if
+        it can be matched to a sent frame."""
+        sent_at = self._match(pts)
+        if sent_at is None:
+            self.unmatched += 1
+            return None
+        self.matched += 1
+        latency = at - sent_at
+        self.latencies.add(latency)
+        return latency
+
+    def _match(self, pts: int) -> float | None:
+        if self._offset is not None:
+            sent_at = self._sent.get(pts + self._offset)
+            if sent_at is not None:
+                self._misses = 0
+                return sent_at
+            self._misses += 1
+            if self._misses < MISSES_TO_RELEARN:
+                return None
+            self._offset, self._candidates, self._misses = None, None, 0
+        if self._candidates is None:
+            self._candidates = {sent - pts for sent in self._sent}
+            return None
+        self._candidates = {offset for offset in self._candidates if pts + offset in self._sent}
+        if len(self._candidates) == 1:
+            self._offset = self._candidates.pop()
+            self._candidates = None
+            return self._sent[pts + self._offset]
+        if not self._candidates:
+            self._candidates = None  # start again from the next return
+        return None
+
+
+class LatencyWindow:
+    """The last WINDOW latencies (seconds), for percentiles and the mean."""
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self.values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    def percentile(self, fraction: float) -> float:
+        """Nearest-rank percentile (0 < fraction ≤ 1); NaN when empty."""
+        if not self.values:
+            return math.nan
+        ordered = sorted(self.values)
+        return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else math.nan

@@ -1,0 +1,199 @@
+"""SendTrack: the processor's input, paced by media time, encoded by our own x264.
+
+aiortc's sender pulls: it awaits recv() and sends whatever comes back at once, so pacing is the
+track's job. recv() takes the newest frame from the LatestFrame hand-off (older ones were
+dropped there, counted), waits until it is due by its media time, and encodes it. When the
+input stalls, the last frame goes again every `repeat_after` seconds: ComfyStream's track gives
+up for good after 5 s without an input frame.
+
+recv() returns an encoded av.Packet, which aiortc only packetises (RTCRtpSender calls
+encoder.pack()): its own encoder would run x264 at the default preset (~5× the CPU of ultrafast)
+and re-create it, with a keyframe, whenever the bandwidth estimate moves by 10%. Ours is a
+VideoEncoder (one per peer connection, so each connection starts on an IDR) running on the
+link's encode thread; RTCP keyframe requests reach it through request_keyframe().
+
+At most `max_in_flight` frames are out at the processor at once (sent, not yet back): ComfyStream
+queues every input frame and a slow pipeline would fall ever further behind; held back, the
+sender sends what the processor returns, and the hand-off keeps only the newest frame meanwhile.
+
+Send timestamps come from the monotonic clock, not from the input: repeats and input jumps keep
+one clean RTP timeline, and the round-trip matcher needs the clock's jitter (see roundtrip.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from relay_server.media.encoder import CLOCK, VideoEncoder
+from relay_server.media.handoff import LatestFrame
+from relay_server.media.pacer import Pacer
+from relay_server.webrtc.roundtrip import RoundTrip
+
+# Seconds without a new input frame before the last one is sent again: well inside
+# ComfyStream's 5 s watchdog, rare enough to cost nothing while the input is live.
+REPEAT_AFTER = 0.5
+# Frames out at the processor at once: a round trip of ~130 ms at 30 fps. Measured with a
+# ComfyStream-like FIFO processor capped at 10 fps it bounds the round trip to about
+# (window / 10 fps) instead of letting it grow by two thirds of a second every second.
+MAX_IN_FLIGHT = 4
+# A frame not back after this long is presumed dropped by the processor and stops counting.
+IN_FLIGHT_EXPIRY = 1.0
+
+
+@dataclass
+class SendStats:
+    frames: int = 0  # frames sent, fresh and repeated
+    repeated: int = 0  # the last frame sent again while the input stalled
+    keyframes_requested: int = 0  # RTCP PLI/FIR from the processor
+    bytes: int = 0  # encoded bytes handed to aiortc
+    paced_seconds: float = 0.0  # time frames were held back until due
+    throttled_seconds: float = 0.0  # time spent waiting for the processor to return frames
+    presumed_lost: int = 0  # frames not back within IN_FLIGHT_EXPIRY, no longer waited for
+
+
+class InFlight:
+    """Frames sent and not yet returned, oldest first; room() waits until fewer than `limit`
+    (0: no limit) are out. One per peer connection."""
+
+    def __init__(
+        self, stats: SendStats, limit: int = MAX_IN_FLIGHT, expiry: float = IN_FLIGHT_EXPIRY
+    ) -> None:
+        self.limit = limit
+        self.expiry = expiry
+        self._stats = stats
+        self._sent: deque[float] = deque()  # send times; bounded by `limit` (room() before send)
+        self._returned = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def sent(self, at: float) -> None:
+        if self.limit:
+            self._sent.append(at)
+
+    def returned(self) -> None:
+        if self._sent:
+            self._sent.popleft()
+            self._returned.set()
+
+    async def room(self) -> None:
+        """Wait until another frame may go out."""
+        if self.limit:
+            self._stats.throttled_seconds += await self._until_fewer_than(self.limit)
+
+    async def drained(self) -> None:
+        """Wait until every frame sent has come back (or is presumed lost)."""
+        await self._until_fewer_than(1)
+
+    async def _until_fewer_than(self, count: int) -> float:
+        started = time.monotonic()
+        while True:
+            now = time.monotonic()
+            while self._sent and self._sent[0] <= now - self.expiry:
+                self._sent.popleft()
+                self._stats.presumed_lost += 1
+            if len(self._sent) < count:
+                return now - started
+            self._returned.clear()
+            try:
+                async with asyncio.timeout(self._sent[0] + self.expiry - now):
+                    await self._returned.wait()
+            except TimeoutError:
+                pass
+
+
+class SendTrack(MediaStreamTrack):
+    kind = "video"
+
+    def __init__(
+        self,
+        frames: LatestFrame,
+        encoder: VideoEncoder,
+        executor: Executor,
+        *,
+        pacer: Pacer,
+        roundtrip: RoundTrip,
+        in_flight: InFlight,
+        clock_origin: float,
+        repeat_after: float = REPEAT_AFTER,
+        stats: SendStats | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.stats = stats if stats is not None else SendStats()
+        self._frames = frames
+        self._executor = executor
+        self._pacer = pacer
+        self._roundtrip = roundtrip
+        self._in_flight = in_flight
+        self._origin = clock_origin
+        self._repeat_after = repeat_after
+        self._encode_loop = asyncio.get_running_loop()
+
+    def request_keyframe(self) -> None:
+        """The receiver lost the picture (RTCP PLI or FIR)."""
+        self.stats.keyframes_requested += 1
+        self.encoder.request_keyframe()
+
+    async def recv(self) -> av.Packet:  # aiortc packs packets as well as encoding frames
+        while self.readyState == "live":
+            await self._in_flight.room()
+            # Until the first frame there is nothing to repeat: wait for one without a timer.
+            timeout = None if self._frames.current is None else self._repeat_after
+            taken = await self._frames.next(timeout)
+            if taken is None:
+                if self._frames.ended:
+                    break  # the input has ended: so does this track
+                continue
+            frame, fresh = taken
+            if fresh:
+                await self._until_due(frame)
+            else:
+                self.stats.repeated += 1
+            pts = round((time.monotonic() - self._origin) / CLOCK)
+            packets = await self._encode_loop.run_in_executor(self._executor, self.encoder.encode, frame, pts)
+            if not packets:
+                continue
+            sent = time.monotonic()
+            self._roundtrip.sent(pts, sent)
+            self._in_flight.sent(sent)
+            self.stats.frames += 1
+            packet = _one_packet(packets)
+            self.stats.bytes += packet.size
+            return packet
+        raise MediaStreamError
+
+    async def _until_due(self, frame: av.VideoFrame) -> None:
+        if frame.pts is None or not frame.time_base:
+            return  # no media time: due now
+        now = time.monotonic()
+        delay = self._pacer.due(float(frame.pts * frame.time_base), now) - now
+        if delay > 0:
+            self.stats.paced_seconds += delay
+            await asyncio.sleep(delay)
+
+    async def drain(self) -> None:
+        """Wait until an encode this track started has finished (a cancelled recv() leaves it
+        running on the encode thread, with the hand-off's frame in use)."""
+        await self._encode_loop.run_in_executor(self._executor, _nothing)
+
+
+def _one_packet(packets: list[av.Packet]) -> av.Packet:
+    self_contained = packets[0]
+    if len(packets) > 1:  # not under zerolatency, but an access unit must go out whole
+        self_contained = av.Packet(b"".join(bytes(packet) for packet in packets))
+        self_contained.pts = self_contained.dts = packets[0].pts
+        self_contained.time_base = Fraction(CLOCK)
+    return self_contained
+
+
+def _nothing() -> None:
+    pass

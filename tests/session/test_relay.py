@@ -1,0 +1,198 @@
+"""Relay: input channel → processor over WebRTC → output channel, with real peers on loopback.
+
+The source is the live test pattern (1280×720, streamed segment by segment in real time); the
+relay letterboxes it to 512×512, so the output's top rows are a letterbox bar: black through a
+passthrough processor, near white through an "invert" one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+import pytest
+
+from relay_server.backoff import Backoff
+from relay_server.media.testsource import publish_pattern
+from relay_server.processor import ProcessorServer
+from relay_server.session.relay import FillMode, Relay
+from relay_server.trickle import Publisher, Subscriber
+from relay_server.trickle.server import TrickleServer
+from relay_server.webrtc import LinkError, LinkSettings, LinkState
+
+INVERT = [{"1": {"class_type": "Invert", "inputs": {}}}]
+SIZE = 512
+BAR_ROWS = 100  # 1280×720 letterboxed into 512×512 leaves 112 rows of bar at the top
+OUR_THREADS = ("decoder", "output-encode", "send-encode")
+# Reconnect after half a second: an outage longer than the relay's fill_after, however quickly
+# the processor is back.
+RECONNECT = LinkSettings(reconnect=Backoff(initial=0.5, factor=1.0, maximum=0.5, attempts=1000, jitter=0.0))
+
+
+@dataclass
+class Output:
+    """What the relay published, segment by segment, with a wake-up per finished segment."""
+
+    segments: list[bytes] = field(default_factory=list)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def wait_for(self, count: int, within: float = 20) -> None:
+        async with asyncio.timeout(within), self.arrived:
+            await self.arrived.wait_for(lambda: len(self.segments) >= count)
+
+    def frames(self) -> list[av.VideoFrame]:
+        with av.open(io.BytesIO(b"".join(self.segments)), format="mpegts") as container:
+            return list(container.decode(video=0))
+
+
+@dataclass
+class Session:
+    server: TrickleServer
+    source: Publisher
+    output: Output
+    relay: Relay
+    states: asyncio.Queue[tuple[LinkState, str]]
+
+    async def until_state(self, state: LinkState, within: float = 20) -> str:
+        async with asyncio.timeout(within):
+            while True:
+                seen, reason = await self.states.get()
+                if seen is state:
+                    return reason
+
+
+@contextlib.asynccontextmanager
+async def session(
+    server: TrickleServer, processor_url: str, *, prompts: object = None, **options: object
+) -> AsyncIterator[Session]:
+    """A relay between two fresh channels, its output collected; stopped and checked at exit."""
+    source = Publisher(server.channel_url("in"))
+    await source.create_channel()
+    output_publisher = Publisher(server.channel_url("out"))
+    await output_publisher.create_channel()
+    states: asyncio.Queue[tuple[LinkState, str]] = asyncio.Queue()
+    relay = Relay(
+        server.channel_url("in"),
+        output_publisher,
+        processor_url,
+        width=SIZE,
+        height=SIZE,
+        prompts=prompts,  # type: ignore[arg-type]
+        on_link_state=lambda state, reason: states.put_nowait((state, reason)),
+        **options,  # type: ignore[arg-type]
+    )
+    output = Output()
+
+    async def collect() -> None:
+        async with Subscriber(server.channel_url("out"), start_seq=0, startup_grace=30) as subscriber:
+            async for segment in subscriber:
+                data = b"".join([chunk async for chunk in segment])
+                async with output.arrived:
+                    output.segments.append(data)
+                    output.arrived.notify_all()
+
+    collecting = asyncio.create_task(collect())
+    running = asyncio.create_task(relay.run())
+    try:
+        yield Session(server, source, output, relay, states)
+    finally:
+        await source.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(running), 30)
+        await relay.stop()
+        await output_publisher.close()  # DELETE: the collector sees the end of the stream
+        await asyncio.wait_for(collecting, 10)
+    assert running.done()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
+
+
+def top_bar_luma(frame: av.VideoFrame) -> float:
+    return float(frame.to_ndarray(format="gray")[:BAR_ROWS].mean())
+
+
+@pytest.mark.parametrize(("prompts", "bar"), [(INVERT, "white"), (None, "black")])
+async def test_frames_go_through_the_processor_to_the_output(
+    trickle_server: TrickleServer, prompts: object, bar: str
+) -> None:
+    async with ProcessorServer() as processor, session(trickle_server, processor.url, prompts=prompts) as s:
+        await publish_pattern(s.source, 1280, 720, frames=60)
+        await s.source.close()
+    frames = s.output.frames()
+    stats = s.relay.stats
+    assert stats.frames_decoded == 60
+    assert stats.link.connections == 1 and stats.link.losses == 0
+    # aiortc's jitter buffers may keep the very last frame or two.
+    assert 57 <= len(frames) <= 60
+    assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
+    luma = np.array([top_bar_luma(f) for f in frames])
+    assert (luma > 200).all() if bar == "white" else (luma < 40).all()
+    pts = [f.pts for f in frames]
+    assert all(b > a for a, b in itertools.pairwise(pts))
+    # The round trip was measured, and is what a loopback round trip is, not seconds.
+    assert 0 < stats.link.latency_p50 < 0.5
+    for data in s.output.segments:  # every output segment starts on a keyframe and decodes alone
+        with av.open(io.BytesIO(data), format="mpegts") as container:
+            packets = [p for p in container.demux(video=0) if p.size]
+            assert packets[0].is_keyframe
+
+
+@pytest.mark.parametrize("fill", [FillMode.REPEAT, FillMode.HOLD])
+async def test_a_restarted_processor_brings_the_session_back(
+    trickle_server: TrickleServer, fill: FillMode
+) -> None:
+    processor = ProcessorServer()
+    await processor.start()
+    port = processor.port
+    publishing: asyncio.Task[int] | None = None
+    try:
+        async with session(trickle_server, processor.url, prompts=INVERT, fill=fill, link=RECONNECT) as s:
+            publishing = asyncio.create_task(publish_pattern(s.source, 1280, 720))
+            await s.until_state(LinkState.CONNECTED)
+            await s.output.wait_for(1)
+            await processor.stop()
+            reason = await s.until_state(LinkState.RECONNECTING)
+            assert reason
+            processor = ProcessorServer(port=port)
+            await processor.start()
+            await s.until_state(LinkState.CONNECTED)
+            after = len(s.output.segments)
+            await s.output.wait_for(after + 2)
+            publishing.cancel()
+            stats = s.relay.stats
+    finally:
+        if publishing is not None:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+        await processor.stop()
+    assert stats.link.losses >= 1 and stats.link.connections >= 2
+    frames = s.output.frames()
+    gaps = np.diff([f.pts for f in frames]) / 90_000
+    assert (gaps > 0).all()
+    # Prompts survive the reconnection: the output is still inverted after it.
+    assert top_bar_luma(frames[-1]) > 200
+    if fill is FillMode.REPEAT:
+        assert stats.frames_filled > 0
+        assert gaps.max() < 0.5  # the timeline never stalled: repeats filled the outage
+    else:
+        assert stats.frames_filled == 0
+        assert gaps.max() > 0.4  # the output held while the processor was away
+
+
+async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
+    trickle_server: TrickleServer,
+) -> None:
+    bad = [{"1": {"class_type": "NoSuchNode", "inputs": {}}}]
+    async with ProcessorServer() as processor:
+        source, output = trickle_server.channel_url("in"), trickle_server.channel_url("out")
+        relay = Relay(source, output, processor.url, width=SIZE, height=SIZE, prompts=bad)
+        with pytest.raises(LinkError, match="500: the prompt names no known effect"):
+            await asyncio.wait_for(relay.run(), 20)
+        assert relay.link.state is LinkState.FAILED
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
