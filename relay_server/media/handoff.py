@@ -39,6 +39,7 @@ class LatestFrame:
         self._current: av.VideoFrame | None = None
         self.ended = False  # end() was called: no frame will follow the newest one
         self.reformatted = 0  # frames not at the hand-off's size or format, converted first
+        self._unplaced = 0  # frames dropped in put() for want of a buffer
 
     def _new_buffer(self) -> av.VideoFrame:
         return av.VideoFrame(self.width, self.height, "yuv420p")
@@ -53,6 +54,14 @@ class LatestFrame:
         return self._slot.dropped
 
     @property
+    def pending(self) -> bool:
+        """A frame is waiting for the consumer."""
+        # Every published frame is taken, dropped (replaced) or waiting; an unplaced frame was
+        # dropped without being published.
+        slot = self._slot
+        return slot.published - slot.taken - (slot.dropped - self._unplaced) > 0
+
+    @property
     def current(self) -> av.VideoFrame | None:
         """The frame the consumer took last, if any."""
         return self._current
@@ -64,6 +73,7 @@ class LatestFrame:
             self.reformatted += 1
         buf = self._slot.acquire()
         if buf is None:  # every buffer is in use (cannot happen with one consumer): count it
+            self._unplaced += 1
             self._slot.drop()
             return
         copy_frame(frame, buf)

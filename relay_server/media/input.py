@@ -97,6 +97,11 @@ class MediaInput:
         return self._decoder.error
 
     @property
+    def buffered(self) -> tuple[int, int]:
+        """Bytes read from the network and not yet demuxed, and the most that may wait."""
+        return self._queue.size, self._queue.capacity
+
+    @property
     def decoder_stats(self) -> DecoderStats:
         """A copy: the decode thread keeps writing the live one (fields may be a packet apart)."""
         return copy.copy(self._decoder.stats)

@@ -410,6 +410,13 @@ class OutputPipeline:
             frames.received, frames.dropped, frames.waited, audio.received, audio.dropped, audio.waited
         )
 
+    @property
+    def queued_frames(self) -> tuple[int, int]:
+        """Frames waiting for the encoder now, and the most that may wait."""
+        inbox = self._inbox
+        capacity = 1 if self.policy is Policy.LATEST else self._queue_frames
+        return (len(inbox.frames.items) if inbox is not None else 0), capacity
+
     def add_audio_stream(self, info: AudioInfo) -> None:
         """Carry this audio stream into the output (ignored with drop_audio); on the event loop,
         before the first submit() or submit_audio(), which may be after start(): a live input's

@@ -58,6 +58,14 @@ class FillMode(enum.Enum):
 
 
 @dataclass(frozen=True)
+class QueueDepth:
+    name: str
+    depth: int
+    capacity: int  # 0: unbounded by design (none is) or not applicable
+    unit: str  # "frames" or "bytes"
+
+
+@dataclass(frozen=True)
 class RelayStats:
     implementation: str  # which relay_server._fast build moves the bytes
     elapsed: float  # seconds since run() started
@@ -73,6 +81,18 @@ class RelayStats:
     encoder: EncoderStats = field(default_factory=EncoderStats)
     segmenter: SegmenterStats = field(default_factory=SegmenterStats)
     sink: SinkStats = field(default_factory=SinkStats)
+    queues: tuple[QueueDepth, ...] = ()  # every bounded hand-off, in data-flow order
+
+    @property
+    def drops(self) -> dict[str, int]:
+        """Frames and packets let go, by why (latency over completeness, or bad input)."""
+        return {
+            "input_corrupt": self.decoder.corrupt_packets,
+            "input_replaced": self.frames_dropped,  # newer decoded frame before it could be sent
+            "processor_lost": self.link.send.presumed_lost,  # sent, never came back
+            "output_replaced": self.pipeline.frames_dropped,  # newer returned frame before encoding
+            "audio_not_carried": self.decoder.audio_packets,
+        }
 
 
 class Relay:
@@ -163,6 +183,17 @@ class Relay:
             encoder=copy.copy(self._pipeline.encoder.stats),
             segmenter=copy.copy(self._pipeline.segmenter.stats),
             sink=copy.copy(self._pipeline.sink.stats),
+            queues=self._queues(),
+        )
+
+    def _queues(self) -> tuple[QueueDepth, ...]:
+        sink = self._pipeline.sink
+        return (
+            QueueDepth("input_bytes", *self._input.buffered, "bytes"),
+            QueueDepth("decoded_frames", int(self._frames.pending), 1, "frames"),
+            QueueDepth("processor_in_flight", *self.link.in_flight, "frames"),
+            QueueDepth("returned_frames", *self._pipeline.queued_frames, "frames"),
+            QueueDepth("output_bytes", sink.buffered, sink.max_bytes, "bytes"),
         )
 
     async def run(self) -> None:

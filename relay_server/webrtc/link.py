@@ -71,6 +71,7 @@ class LinkSettings:
     fps: float = 30.0  # rate-control hint of the send leg's encoder
     repeat_after: float = REPEAT_AFTER  # input stall after which the last frame is sent again
     max_in_flight: int = MAX_IN_FLIGHT  # frames at the processor at once (0: no limit)
+    max_fps: float = 0.0  # frames per second sent at most (0: the input's rate)
     return_timeout: float = 5.0  # seconds without a returned frame, while sending, that mean lost
     control_timeout: float = 10.0  # seconds to wait for a control reply
     reconnect: Backoff = field(
@@ -156,6 +157,12 @@ class ProcessorLink:
             send=replace(self._send),
             encoder=encoder,
         )
+
+    @property
+    def in_flight(self) -> tuple[int, int]:
+        """Frames at the processor now (sent, not back), and the most allowed (0: no limit)."""
+        connection = self._connection
+        return (len(connection.in_flight) if connection is not None else 0), self.settings.max_in_flight
 
     async def run(self) -> None:
         """Connect, and reconnect after every loss, until stop(); raises LinkError when the link
@@ -307,6 +314,7 @@ class _Connection:
             in_flight=self.in_flight,
             clock_origin=link._origin,
             repeat_after=settings.repeat_after,
+            max_fps=settings.max_fps,
             stats=link._send,
         )
         self.executor = executor

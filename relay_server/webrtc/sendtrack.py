@@ -23,6 +23,7 @@ one clean RTP timeline, and the round-trip matcher needs the clock's jitter (see
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -124,6 +125,7 @@ class SendTrack(MediaStreamTrack):
         in_flight: InFlight,
         clock_origin: float,
         repeat_after: float = REPEAT_AFTER,
+        max_fps: float = 0.0,
         stats: SendStats | None = None,
     ) -> None:
         super().__init__()
@@ -136,6 +138,8 @@ class SendTrack(MediaStreamTrack):
         self._in_flight = in_flight
         self._origin = clock_origin
         self._repeat_after = repeat_after
+        self._min_interval = 1 / max_fps if max_fps else 0.0
+        self._last_sent = -math.inf
         self._encode_loop = asyncio.get_running_loop()
 
     def request_keyframe(self) -> None:
@@ -162,7 +166,7 @@ class SendTrack(MediaStreamTrack):
             packets = await self._encode_loop.run_in_executor(self._executor, self.encoder.encode, frame, pts)
             if not packets:
                 continue
-            sent = time.monotonic()
+            sent = self._last_sent = time.monotonic()
             self._roundtrip.sent(pts, sent)
             self._in_flight.sent(sent)
             self.stats.frames += 1
@@ -172,10 +176,11 @@ class SendTrack(MediaStreamTrack):
         raise MediaStreamError
 
     async def _until_due(self, frame: av.VideoFrame) -> None:
-        if frame.pts is None or not frame.time_base:
-            return  # no media time: due now
         now = time.monotonic()
-        delay = self._pacer.due(float(frame.pts * frame.time_base), now) - now
+        due = now  # without media time: now
+        if frame.pts is not None and frame.time_base:
+            due = self._pacer.due(float(frame.pts * frame.time_base), now)
+        delay = max(due, self._last_sent + self._min_interval) - now
         if delay > 0:
             self.stats.paced_seconds += delay
             await asyncio.sleep(delay)

@@ -1,0 +1,1 @@
+"""The gRPC service: RelayService over a SessionManager, with health, reflection and operations."""

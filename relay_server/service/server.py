@@ -1,0 +1,87 @@
+"""RelayServer: the gRPC server around a SessionManager.
+
+    server = RelayServer(SessionManager(), host="127.0.0.1", port=0)
+    await server.start()          # serving; health says SERVING
+    ...
+    await server.drain()          # health NOT_SERVING, sessions stopped, then the server
+
+Registered: relay.v1.RelayService, grpc.health.v1.Health (the overall "" service and
+relay.v1.RelayService: NOT_SERVING until start() completes and again from the first moment of a
+drain, so load balancers stop sending work before sessions are stopped) and server reflection
+(so grpcurl and other tools work without the proto files).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from relay_server.api.relay.v1 import relay_service_pb2 as pb
+from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
+from relay_server.service.servicer import RelayServicer
+from relay_server.session.manager import SessionManager
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RelayService"].full_name
+DRAIN_GRACE = 5.0  # seconds in-flight RPCs get to finish once sessions are stopped
+
+
+class RelayServer:
+    def __init__(
+        self,
+        manager: SessionManager,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.manager = manager
+        self.host = host
+        self.port = port
+        self.health = health.aio.HealthServicer()
+        self._credentials = credentials
+        self._interceptors = tuple(interceptors)
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server(interceptors=self._interceptors)
+        pb_grpc.add_RelayServiceServicer_to_server(RelayServicer(self.manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.host}:{self.port}"
+        if self._credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, self._credentials)
+        await server.start()
+        self._server = server
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("relay service on %s (%s)", self.address, "TLS" if self._credentials else "plaintext")
+
+    async def drain(self, grace: float = DRAIN_GRACE) -> None:
+        """Health NOT_SERVING first, then every session stopped, then the server."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.manager.drain()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
