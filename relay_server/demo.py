@@ -1,105 +1,184 @@
-"""`trickle-relay demo`: the relay end to end on embedded defaults.
+"""`trickle-relay demo`: the whole job end to end on embedded defaults, driven through the gRPC API.
 
-An embedded trickle server; a live source publishing a 1280×720 H.264 test pattern on an input
-channel (each 1 s segment streamed while its frames are encoded, in real time); the embedded
-processor (WebRTC, ComfyStream's contract) running an "invert" prompt; the relay between them
-(progressive decode, letterbox to 512×512, paced send over WebRTC, returned frames re-encoded
-into one output segment per GOP) publishing to an output channel; a subscriber writing the output
-channel to a file. A status line shows the relay live; the summary decodes the output file.
+    live test source ─▶ trickle server ─▶ relay (gRPC: StartSession, WatchSession) ⇄ processor
+                        (embedded)            │                                    (embedded,
+                             ▲                └─▶ output channel ─▶ output.ts       WebRTC)
+                             └─ input channel ─▶ input.ts
+
+An embedded trickle server; a live source publishing a 1280×720 H.264 test pattern (each 1 s
+segment streamed while its frames are encoded, in real time); the embedded processor running an
+"invert" prompt; the relay's gRPC server, asked to start a session exactly as any client would,
+and watched live. The output channel is written to output.ts; compare.png puts an input frame
+beside the processed frame made from it; the summary says what arrived and how fast.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
+import grpc
+import numpy as np
+from google.protobuf.struct_pb2 import Struct
 
+from relay_server.api.relay.v1 import relay_service_pb2 as pb
+from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.media.testsource import publish_pattern
 from relay_server.processor import ProcessorServer
-from relay_server.session.relay import Relay
+from relay_server.service.server import RelayServer
+from relay_server.session.manager import SessionManager
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 
 SOURCE_SIZE = (1280, 720)
 OUTPUT_SIZE = (512, 512)
-PROMPT = [{"1": {"class_type": "Invert", "inputs": {}}}]
+PROMPT: dict[str, Any] = {"1": {"class_type": "Invert", "inputs": {}}}
 
 
 async def run_demo(output_dir: Path, seconds: float = 10.0, fps: int = 30) -> int:
-    output = output_dir / "output.ts"
     frames = round(seconds * fps)
-    async with TrickleServer() as server, ProcessorServer() as processor:
-        source_url, output_url = server.channel_url("demo"), server.channel_url("demo-out")
-        print(f"trickle server {server.url}: {source_url} → relay ⇄ processor {processor.url} → {output_url}")
-        # Both channels exist before anyone reads them, as a gateway's would: readers wait on
-        # them from the start and cannot miss a first segment.
-        source = Publisher(source_url)
-        await source.create_channel()
-        # Closing this publisher DELETEs the output channel: the end of stream for its readers.
-        output_publisher = Publisher(output_url)
-        await output_publisher.create_channel()
-        width, height = OUTPUT_SIZE
-        relay = Relay(source_url, output_publisher, processor.url, width=width, height=height, prompts=PROMPT)
-        status_done = asyncio.Event()
-
-        async def run_relay() -> None:
-            try:
-                await relay.run()  # until the source ends, then the last segment is flushed
-            finally:
-                await output_publisher.close()
-
-        async def publish_source() -> None:
-            async with source as publisher:
-                await publish_pattern(publisher, *SOURCE_SIZE, fps=fps, frames=frames)
-
-        async def save_output() -> int:
-            received = 0
-            async with Subscriber(output_url, start_seq=0, startup_grace=30) as subscriber:
-                with output.open("wb") as sink:
-                    async for segment in subscriber:
-                        async for chunk in segment:
-                            sink.write(chunk)
-                        received += 1
-            status_done.set()
-            return received
-
-        async def show_status() -> None:
-            started = time.monotonic()
-            while not status_done.is_set():
-                stats = relay.stats
-                latency = stats.link.latency_p50
-                print(
-                    f"  t={time.monotonic() - started:5.1f}s  {stats.link.state.value:<12}"
-                    f" decoded {stats.frames_decoded:4d}  sent {stats.link.send.frames:4d}"
-                    f"  returned {stats.frames_returned:4d}  encoded {stats.frames_encoded:4d}"
-                    f"  segments out {stats.segmenter.segments:3d}"
-                    f"  round trip p50 {'-' if math.isnan(latency) else f'{latency * 1000:.0f} ms'}"
-                    f"  hot path {stats.implementation}",
-                    flush=True,
-                )
-                try:
-                    async with asyncio.timeout(1.0):  # a status line a second
-                        await status_done.wait()
-                except TimeoutError:
-                    pass
-
+    async with TrickleServer() as trickle, ProcessorServer() as processor:
+        relay = RelayServer(SessionManager())
+        await relay.start()
         try:
-            jobs = publish_source(), run_relay(), save_output(), show_status()
-            _, _, received, _ = await asyncio.gather(*jobs)
+            result = await _run(trickle, processor.url, relay.address, output_dir, frames, fps)
         finally:
-            await relay.stop()
-        stats = relay.stats
+            await relay.drain()
+    return _summarise(output_dir, frames, *result)
 
-    with av.open(str(output)) as container:
-        decoded = sum(1 for _ in container.decode(video=0))
-    print(
-        f"wrote {output}: {received} segments, {decoded} frames decode ({frames} published,"
-        f" {stats.frames_returned} came back from the processor; {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} in,"
-        f" {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]} out); round trip p50"
-        f" {stats.link.latency_p50 * 1000:.0f} ms, p99 {stats.link.latency_p99 * 1000:.0f} ms"
+
+async def _run(
+    trickle: TrickleServer, processor_url: str, address: str, output_dir: Path, frames: int, fps: int
+) -> tuple[pb.Session, float]:
+    input_url, output_url = trickle.channel_url("demo"), trickle.channel_url("demo-out")
+    print(f"trickle {trickle.url}  processor {processor_url}  relay gRPC {address}")
+    # The channels exist before anyone reads them, as a gateway's would.
+    source = Publisher(input_url)
+    await source.create_channel()
+    creator = Publisher(output_url)
+    try:
+        await creator.create_channel()
+    finally:
+        await creator.close(delete_channel=False)  # the session publishes there
+    first_output = asyncio.get_running_loop().create_future()
+    recording = [
+        asyncio.create_task(_record(input_url, output_dir / "input.ts")),
+        asyncio.create_task(_record(output_url, output_dir / "output.ts", first_output)),
+    ]
+
+    async def publish() -> None:
+        async with source as publisher:  # closing it DELETEs the input channel: the input ends
+            await publish_pattern(publisher, *SOURCE_SIZE, fps=fps, frames=frames)
+
+    publishing = asyncio.create_task(publish())
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.RelayServiceStub(channel)
+            prompt = Struct()
+            prompt.update(PROMPT)
+            asked = time.monotonic()
+            started = await stub.StartSession(
+                pb.StartSessionRequest(
+                    session_id="demo",
+                    subscribe_url=input_url,
+                    publish_url=output_url,
+                    processor_url=processor_url,
+                    prompts=[prompt],
+                    width=OUTPUT_SIZE[0],
+                    height=OUTPUT_SIZE[1],
+                )
+            )
+            print(f"StartSession → {pb.SessionState.Name(started.session.state)}")
+            final = started.session
+            async for update in stub.WatchSession(pb.WatchSessionRequest(session_id="demo")):
+                final = update.session
+                print(_status_line(final, time.monotonic() - asked), flush=True)
+        startup = (await first_output) - asked if first_output.done() else float("nan")
+        await asyncio.gather(publishing, *recording)
+    finally:
+        for task in (publishing, *recording):
+            task.cancel()
+        await asyncio.gather(publishing, *recording, return_exceptions=True)
+    return final, startup
+
+
+async def _record(url: str, path: Path, first_byte: asyncio.Future[float] | None = None) -> None:
+    """Write a channel to a file from its first segment until it ends."""
+    async with Subscriber(url, start_seq=0, startup_grace=30) as subscriber:
+        with path.open("wb") as sink:
+            async for segment in subscriber:
+                async for chunk in segment:
+                    if first_byte is not None and not first_byte.done():
+                        first_byte.set_result(time.monotonic())
+                    sink.write(chunk)
+
+
+def _status_line(session: pb.Session, elapsed: float) -> str:
+    stats = session.stats
+    latency = stats.latency
+    p50 = f"{latency.p50.ToMilliseconds()} ms" if latency.HasField("p50") else "-"
+    return (
+        f"  t={elapsed:5.1f}s {pb.SessionState.Name(session.state).removeprefix('SESSION_STATE_'):<9}"
+        f" fps decoded {stats.decoded_fps:4.1f} returned {stats.returned_fps:4.1f}"
+        f" encoded {stats.encoded_fps:4.1f}  frames {stats.frames_returned:4d}/{stats.frames_decoded:4d}"
+        f"  round trip p50 {p50}  segments out {stats.segments_out:3d}  {stats.webrtc_state}"
+        f"  hot path {stats.fast_path}"
     )
-    # aiortc's jitter buffers may keep the very last frame: all but a couple must come through.
-    return 0 if decoded >= frames - 3 else 1
+
+
+def _summarise(output_dir: Path, published: int, session: pb.Session, startup: float) -> int:
+    output, inputs = output_dir / "output.ts", output_dir / "input.ts"
+    with av.open(str(output)) as container:
+        processed = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    with av.open(str(inputs)) as container:
+        originals = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    picture = output_dir / "compare.png"
+    if processed and originals:
+        _write_png(picture, _side_by_side(originals, processed[len(processed) // 2]))
+    stats = session.stats
+    print(
+        f"\n{output}: {len(processed)} frames ({published} published, {stats.frames_returned} came back"
+        f" from the processor; {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} in, {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]} out)\n"
+        f"{picture}: an input frame beside the processed frame made from it\n"
+        f"session {pb.SessionState.Name(session.state)} ({session.reason}); start-up (StartSession → first"
+        f" output byte) {startup * 1000:.0f} ms; round trip p50 {stats.latency.p50.ToMilliseconds()} ms,"
+        f" p99 {stats.latency.p99.ToMilliseconds()} ms; drops {dict(stats.drops)}"
+    )
+    # aiortc's jitter buffers may keep the very last frame or two.
+    return 0 if len(processed) >= published - 3 else 1
+
+
+def _side_by_side(originals: list[np.ndarray], processed: np.ndarray) -> np.ndarray:
+    """The input frame `processed` was made from (the closest one, allowing for an inversion)
+    scaled to the output's height, beside it."""
+    height, width = processed.shape[:2]
+    scaled_width = round(SOURCE_SIZE[0] * height / SOURCE_SIZE[1])
+    scaled = [_scale(original, scaled_width, height) for original in originals]
+    # The output is letterboxed: compare the band the picture occupies.
+    band = slice((height - round(width * SOURCE_SIZE[1] / SOURCE_SIZE[0])) // 2, None)
+    target = _scale(processed[band][: height - 2 * band.start], scaled_width, height).astype(np.int16)
+
+    def distance(candidate: np.ndarray) -> float:
+        pixels = candidate.astype(np.int16)
+        return min(float(np.abs(pixels - target).mean()), float(np.abs(255 - pixels - target).mean()))
+
+    best = min(scaled, key=distance)
+    gap = np.full((height, 8, 3), 255, np.uint8)
+    return np.concatenate([best, gap, processed], axis=1)
+
+
+def _scale(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+    return frame.reformat(width, height).to_ndarray()
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    codec = av.CodecContext.create("png", "w")
+    codec.height, codec.width = pixels.shape[:2]
+    codec.pix_fmt, codec.time_base = "rgb24", Fraction(1, 1)
+    packets = codec.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24"))
+    path.write_bytes(b"".join(bytes(packet) for packet in packets))
