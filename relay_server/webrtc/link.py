@@ -37,6 +37,7 @@ from relay_server.backoff import Backoff
 from relay_server.media.encoder import EncoderStats, VideoEncoder
 from relay_server.media.handoff import LatestFrame
 from relay_server.media.pacer import Pacer
+from relay_server.webrtc import jitter
 from relay_server.webrtc.control import ControlClient, ControlError
 from relay_server.webrtc.roundtrip import LatencyWindow, RoundTrip
 from relay_server.webrtc.sendtrack import MAX_IN_FLIGHT, REPEAT_AFTER, InFlight, SendStats, SendTrack
@@ -323,6 +324,8 @@ class _Connection:
         transceiver.setCodecPreferences(_video_codecs())
         # aiortc answers RTCP PLI/FIR by flagging its own encoder, which packets bypass.
         transceiver.sender._send_keyframe = self.track.request_keyframe  # type: ignore[method-assign]
+        # Returned frames as soon as they are complete, not one frame interval later.
+        jitter.install(transceiver.receiver)
         self.control = ControlClient(self.pc.createDataChannel("control"))
         self.pc.createDataChannel("data").on("message", link._data)
         self.pc.on("track", self._on_track)
