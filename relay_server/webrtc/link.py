@@ -73,6 +73,9 @@ class LinkSettings:
     repeat_after: float = REPEAT_AFTER  # input stall after which the last frame is sent again
     max_in_flight: int = MAX_IN_FLIGHT  # frames at the processor at once (0: no limit)
     max_fps: float = 0.0  # frames per second sent at most (0: the input's rate)
+    # aiortc's own H.264 encoder instead of ours (x264's default preset, re-created whenever the
+    # bandwidth estimate moves by 10%): the baseline the benchmarks measure the relay against.
+    stock_encoder: bool = False
     return_timeout: float = 5.0  # seconds without a returned frame, while sending, that mean lost
     control_timeout: float = 10.0  # seconds to wait for a control reply
     reconnect: Backoff = field(
@@ -139,7 +142,8 @@ class ProcessorLink:
     @property
     def stats(self) -> LinkStats:
         connection = self._connection
-        encoder = _sum(self._encoded, connection.encoder.stats) if connection else replace(self._encoded)
+        current = connection.encoder if connection else None
+        encoder = _sum(self._encoded, current.stats) if current else replace(self._encoded)
         unmatched = self._unmatched + (connection.roundtrip.unmatched if connection else 0)
         window = self.latencies
         return LinkStats(
@@ -257,7 +261,8 @@ class ProcessorLink:
         return None if task.cancelled() else task.result()
 
     def _retire(self, connection: _Connection) -> None:
-        self._encoded = _sum(self._encoded, connection.encoder.stats)
+        if connection.encoder is not None:
+            self._encoded = _sum(self._encoded, connection.encoder.stats)
         self._unmatched += connection.roundtrip.unmatched
 
     def _set_state(self, state: LinkState, reason: str) -> None:
@@ -297,14 +302,18 @@ class _Connection:
         self.roundtrip = RoundTrip(link.latencies)
         self.in_flight = InFlight(link._send, settings.max_in_flight)
         frames = link.frames
-        self.encoder = VideoEncoder(
-            frames.width,
-            frames.height,
-            gop=settings.gop,
-            preset=settings.preset,
-            bitrate=settings.bitrate,
-            fps=settings.fps,
-            profile="Baseline",  # the profile every WebRTC H.264 decoder takes
+        self.encoder = (
+            None
+            if settings.stock_encoder
+            else VideoEncoder(
+                frames.width,
+                frames.height,
+                gop=settings.gop,
+                preset=settings.preset,
+                bitrate=settings.bitrate,
+                fps=settings.fps,
+                profile="Baseline",  # the profile every WebRTC H.264 decoder takes
+            )
         )
         self.track = SendTrack(
             frames,
@@ -322,8 +331,9 @@ class _Connection:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
         transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
         transceiver.setCodecPreferences(_video_codecs())
-        # aiortc answers RTCP PLI/FIR by flagging its own encoder, which packets bypass.
-        transceiver.sender._send_keyframe = self.track.request_keyframe  # type: ignore[method-assign]
+        if self.encoder is not None:
+            # aiortc answers RTCP PLI/FIR by flagging its own encoder, which packets bypass.
+            transceiver.sender._send_keyframe = self.track.request_keyframe  # type: ignore[method-assign]
         # Returned frames as soon as they are complete, not one frame interval later.
         jitter.install(transceiver.receiver)
         self.control = ControlClient(self.pc.createDataChannel("control"))
@@ -360,7 +370,8 @@ class _Connection:
             await asyncio.wait([self._receiving])
         await self.track.drain()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.encoder.close)
+        if self.encoder is not None:
+            await loop.run_in_executor(self.executor, self.encoder.close)
 
     def _lose(self, reason: str) -> None:
         if not self._lost.done():

@@ -29,6 +29,7 @@ from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TypeVar
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -117,7 +118,7 @@ class SendTrack(MediaStreamTrack):
     def __init__(
         self,
         frames: LatestFrame,
-        encoder: VideoEncoder,
+        encoder: VideoEncoder | None,
         executor: Executor,
         *,
         pacer: Pacer,
@@ -145,9 +146,10 @@ class SendTrack(MediaStreamTrack):
     def request_keyframe(self) -> None:
         """The receiver lost the picture (RTCP PLI or FIR)."""
         self.stats.keyframes_requested += 1
-        self.encoder.request_keyframe()
+        if self.encoder is not None:
+            self.encoder.request_keyframe()
 
-    async def recv(self) -> av.Packet:  # aiortc packs packets as well as encoding frames
+    async def recv(self) -> av.Packet | av.VideoFrame:  # aiortc packs packets, encodes frames
         while self.readyState == "live":
             await self._in_flight.room()
             # Until the first frame there is nothing to repeat: wait for one without a timer.
@@ -163,17 +165,21 @@ class SendTrack(MediaStreamTrack):
             else:
                 self.stats.repeated += 1
             pts = round((time.monotonic() - self._origin) / CLOCK)
+            if self.encoder is None:
+                return self._sent(pts, _stock(frame, pts))
             packets = await self._encode_loop.run_in_executor(self._executor, self.encoder.encode, frame, pts)
-            if not packets:
-                continue
-            sent = self._last_sent = time.monotonic()
-            self._roundtrip.sent(pts, sent)
-            self._in_flight.sent(sent)
-            self.stats.frames += 1
-            packet = _one_packet(packets)
-            self.stats.bytes += packet.size
-            return packet
+            if packets:
+                packet = _one_packet(packets)
+                self.stats.bytes += packet.size
+                return self._sent(pts, packet)
         raise MediaStreamError
+
+    def _sent(self, pts: int, data: _Sent) -> _Sent:
+        sent = self._last_sent = time.monotonic()
+        self._roundtrip.sent(pts, sent)
+        self._in_flight.sent(sent)
+        self.stats.frames += 1
+        return data
 
     async def _until_due(self, frame: av.VideoFrame) -> None:
         now = time.monotonic()
@@ -189,6 +195,17 @@ class SendTrack(MediaStreamTrack):
         """Wait until an encode this track started has finished (a cancelled recv() leaves it
         running on the encode thread, with the hand-off's frame in use)."""
         await self._encode_loop.run_in_executor(self._executor, _nothing)
+
+
+_Sent = TypeVar("_Sent", av.Packet, av.VideoFrame)
+
+
+def _stock(frame: av.VideoFrame, pts: int) -> av.VideoFrame:
+    """A copy for aiortc's own encoder, which runs on its executor after recv() returned (and
+    could still be reading the hand-off's buffer when the next recv() gives it back)."""
+    copy = frame.reformat()
+    copy.pts, copy.time_base = pts, CLOCK
+    return copy
 
 
 def _one_packet(packets: list[av.Packet]) -> av.Packet:
