@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 10.0  # seconds between status events when nothing changes
 RATE_WINDOW = 1.0  # rates are measured over at least this many seconds
 RATE_SAMPLES = 8
+
+# The id of the session whose work is running: set for every task a session starts (tasks copy
+# the context they are created in) and while stop() runs, so that log records can carry it
+# (relay_server.service.logs). Threads started with run_in_executor do not inherit it.
+current_session_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "current_session_id", default=None
+)
 
 
 class SessionState(enum.Enum):
@@ -117,15 +125,23 @@ class Session:
         return self._task is not None and self._task.done()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"session {self.config.session_id}")
+        token = current_session_id.set(self.config.session_id)
+        try:
+            self._task = asyncio.create_task(self._run(), name=f"session {self.config.session_id}")
+        finally:
+            current_session_id.reset(token)
 
     async def stop(self, reason: str = "stopped by request") -> None:
         """Stop the session and wait until everything it owns has ended."""
-        if not self.state.ended and self.state is not SessionState.STOPPING:
-            self._set_state(SessionState.STOPPING, reason)
-        await self.relay.stop()
-        if self._task is not None:
-            await asyncio.wait([self._task])
+        token = current_session_id.set(self.config.session_id)
+        try:
+            if not self.state.ended and self.state is not SessionState.STOPPING:
+                self._set_state(SessionState.STOPPING, reason)
+            await self.relay.stop()
+            if self._task is not None:
+                await asyncio.wait([self._task])
+        finally:
+            current_session_id.reset(token)
 
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """A request on the processor's control channel, and its reply (see ProcessorLink)."""
@@ -193,6 +209,8 @@ class Session:
             if not self.state.ended:
                 reason = self.reason if self.state is SessionState.STOPPING else "the input ended"
                 self._set_state(SessionState.STOPPED, reason)
+            if self._events is not None:
+                self._events.send(self._status())  # the final state: the heartbeat has ended
             for channel in (self._events, self._data):
                 if channel is not None:
                     await channel.close()

@@ -661,6 +661,8 @@ class TrickleServer:
             self._changed.notify()
             if not read.done():
                 read.cancel()
+            elif not read.cancelled():
+                read.exception()  # retrieved, also when this handler is being cancelled
         # Bytes that arrived together with the release are still taken: the segment drops them.
         return read.result() if read.done() else None
 
