@@ -24,6 +24,10 @@ class Pacer:
         self.resyncs = 0  # re-anchorings after the first anchor
         self._offset: float | None = None  # clock time minus media time
 
+    def clock_time(self, media: float) -> float | None:
+        """The clock time media time `media` maps to now (None before the first frame)."""
+        return None if self._offset is None else self._offset + media
+
     def due(self, media: float, now: float) -> float:
         """The clock time at which the frame at `media` seconds is due (≤ now: send it now)."""
         if self._offset is None or abs(self._offset + media - now) > self.resync:

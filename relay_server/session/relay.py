@@ -12,8 +12,8 @@ When no frame comes back for `fill_after` seconds (the processor is reconnecting
 start again), the output either repeats the last good frame at `fps` so that players downstream
 never stall (FillMode.REPEAT, the default) or holds: nothing until frames return (FillMode.HOLD).
 
-The input's audio is not carried: the processor changes the video's timing, and audio laid on
-the arrival clock needs that delay estimated first. It is counted and left out.
+The input's audio (AAC or Opus) is carried unchanged, laid on the same clock where its video
+comes back (audio.py), unless drop_audio.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from relay_server.media.handoff import LatestFrame
 from relay_server.media.input import MediaInput
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
 from relay_server.media.scaler import ScaleMode
-from relay_server.media.segmenter import SegmenterStats
+from relay_server.media.segmenter import AudioInfo, SegmenterStats
+from relay_server.session.audio import AudioCarrier
 from relay_server.trickle.publisher import Publisher
 from relay_server.webrtc.link import LinkSettings, LinkState, LinkStats, ProcessorLink
 
@@ -74,6 +75,8 @@ class RelayStats:
     frames_returned: int
     frames_filled: int  # repeated into the output while none came back
     frames_encoded: int
+    audio_carried: int  # input audio packets handed to the output
+    audio_dropped: int  # input audio packets not carried (see session/audio.py)
     link: LinkStats
     feed: FeedStats = field(default_factory=FeedStats)
     decoder: DecoderStats = field(default_factory=DecoderStats)
@@ -91,7 +94,7 @@ class RelayStats:
             "input_replaced": self.frames_dropped,  # newer decoded frame before it could be sent
             "processor_lost": self.link.send.presumed_lost,  # sent, never came back
             "output_replaced": self.pipeline.frames_dropped,  # newer returned frame before encoding
-            "audio_not_carried": self.decoder.audio_packets,
+            "audio_not_carried": self.audio_dropped,
         }
 
 
@@ -115,6 +118,7 @@ class Relay:
         link: LinkSettings | None = None,
         fill: FillMode = FillMode.REPEAT,
         fill_after: float = FILL_AFTER,
+        drop_audio: bool = False,
         on_link_state: Callable[[LinkState, str], None] | None = None,
         on_data: Callable[[str], None] | None = None,
         buffer_size: int | None = None,
@@ -133,12 +137,15 @@ class Relay:
             self._publisher,
             encoding.encoder(width, height),
             policy=Policy.LATEST,
-            drop_audio=True,
+            drop_audio=drop_audio,
         )
         self._frames = LatestFrame(width, height)
         self._input = MediaInput(
             source,
             on_frame=self._frames.put,
+            # With drop_audio the demuxer leaves audio alone altogether.
+            on_audio=None if drop_audio else self._on_audio,
+            on_audio_stream=self._on_audio_stream,
             width=width,
             height=height,
             mode=mode,
@@ -155,6 +162,8 @@ class Relay:
             on_state=on_link_state,
             name=name,
         )
+        self._audio = AudioCarrier(self._pipeline, self.link.pacer, self.link.latencies)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last: av.VideoFrame | None = None  # the last frame the output got
         self._last_return = 0.0
         self._filled = 0
@@ -176,6 +185,8 @@ class Relay:
             frames_returned=link.frames_returned,
             frames_filled=self._filled,
             frames_encoded=self._pipeline.encoder.stats.frames,
+            audio_carried=self._audio.carried,
+            audio_dropped=self._audio.dropped,
             link=link,
             feed=copy.copy(self._input.feed_stats),
             decoder=decoder,
@@ -204,15 +215,18 @@ class Relay:
             self._done.set()
             return
         self._started_at = self._origin = time.monotonic()
+        self._loop = asyncio.get_running_loop()
         log.info("relay %s: hot path %s", self.name, _fast.IMPLEMENTATION)
         source, link, frames = self._input, self.link, self._frames
         linking: asyncio.Task[None] | None = None
         filling: asyncio.Task[None] | None = None
+        carrying: asyncio.Task[None] | None = None
         try:
             self._pipeline.start()
             source.start()
             linking = asyncio.create_task(link.run(), name=f"link {self.name}")
             filling = asyncio.create_task(self._fill(), name=f"fill {self.name}")
+            carrying = asyncio.create_task(self._audio.run(self._origin), name=f"audio {self.name}")
             stopping = asyncio.ensure_future(self._stopping.wait())
             try:
                 ending: list[asyncio.Future[Any]] = [source.ended, linking, self._pipeline.failed, stopping]
@@ -223,7 +237,7 @@ class Relay:
                 frames.end()  # the send track ends; what is at the processor may still come back
                 await link.drain(DRAIN_SECONDS)
         finally:
-            await self._shut_down(source, link, linking, filling)
+            await self._shut_down(source, link, linking, (filling, carrying))
 
     async def stop(self) -> None:
         """End the run now (the output is still flushed) and wait until it has cleaned up."""
@@ -237,16 +251,17 @@ class Relay:
         source: MediaInput,
         link: ProcessorLink,
         linking: asyncio.Task[None] | None,
-        filling: asyncio.Task[None] | None,
+        helpers: tuple[asyncio.Task[None] | None, ...],
     ) -> None:
         """However run() ends: every thread joined, every task awaited, then the root cause raised."""
         try:
             await source.stop()
             await link.stop()
-            for task in (linking, filling):
+            if linking is not None:
+                await asyncio.wait([linking])
+            for task in helpers:
                 if task is not None:
-                    if task is filling:
-                        task.cancel()
+                    task.cancel()
                     await asyncio.wait([task])
             link_error = linking.exception() if linking is not None and not linking.cancelled() else None
             pipeline_error: BaseException | None = None
@@ -263,6 +278,16 @@ class Relay:
                 await self._publisher.close(delete_channel=False)
             self._done.set()
 
+    # -- the decode thread ------------------------------------------------------------------------
+
+    def _on_audio(self, packet: av.Packet) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._audio.put, packet)
+
+    def _on_audio_stream(self, info: AudioInfo) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._audio.add_stream, info)
+
     # -- the output's timeline -------------------------------------------------------------------
 
     def _pts(self, at: float) -> int:
@@ -270,6 +295,7 @@ class Relay:
 
     async def _returned(self, frame: av.VideoFrame, arrival: float) -> None:
         self._last, self._last_return = frame, arrival
+        self._audio.frame_returned()
         await self._pipeline.submit(frame, self._pts(arrival))
 
     async def _fill(self) -> None:

@@ -127,7 +127,7 @@ class ProcessorLink:
         self._on_frame = on_frame
         self._on_data = on_data
         self._on_state = on_state
-        self._pacer = Pacer()
+        self.pacer = Pacer()  # media time → clock, kept across connections
         self._send = SendStats()
         self._encoded = EncoderStats()  # of closed connections' encoders
         self._connections = 0
@@ -319,7 +319,7 @@ class _Connection:
             frames,
             self.encoder,
             executor,
-            pacer=link._pacer,
+            pacer=link.pacer,
             roundtrip=self.roundtrip,
             in_flight=self.in_flight,
             clock_origin=link._origin,

@@ -5,8 +5,12 @@ with the pts it arrived with; but each WebRTC hop rebases RTP timestamps on its 
 a returned pts is the sent one minus an unknown constant. The matcher learns that constant from
 the first few returns: candidates are `returned − sent` for every recently sent pts; each further
 return keeps only the candidates under which it also matches a sent pts. Send pts come from the
-monotonic clock, so their spacing jitters and one candidate remains after a few frames. A
-processor that rewrites pts never matches: its latency is then unknown, not wrong.
+monotonic clock, so their spacing jitters and one candidate remains after a few frames; it is
+learnt once it has explained EXPLAINED_TO_LEARN returns in a row. That many are needed because
+the jitter is only a few ticks: one send interval in ~20 is exactly a nominal frame, so a
+processor that stamps its output with its own evenly spaced pts (aiortc's next_timestamp())
+would often leave a single wrong candidate after two or three returns. A processor that
+rewrites pts thus never matches: its latency is then unknown, not wrong.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections import deque
 REMEMBERED = 300
 # Returns in a row that do not match under the learned offset before it is learned anew.
 MISSES_TO_RELEARN = 10
+# Returns in a row a lone candidate offset must explain (the first included) to be learnt.
+EXPLAINED_TO_LEARN = 6
 # Latencies kept for the percentiles: the last 10 s at 30 fps.
 WINDOW = 300
 
@@ -34,6 +40,7 @@ class RoundTrip:
         self._order: deque[int] = deque()
         self._offset: int | None = None
         self._candidates: set[int] | None = None
+        self._explained = 0  # returns in a row the candidates explain
         self._misses = 0
 
     def sent(self, pts: int, at: float) -> None:
@@ -69,9 +76,11 @@ class RoundTrip:
             self._offset, self._candidates, self._misses = None, None, 0
         if self._candidates is None:
             self._candidates = {sent - pts for sent in self._sent}
+            self._explained = 1
             return None
         self._candidates = {offset for offset in self._candidates if pts + offset in self._sent}
-        if len(self._candidates) == 1:
+        self._explained += 1
+        if len(self._candidates) == 1 and self._explained >= EXPLAINED_TO_LEARN:
             self._offset = self._candidates.pop()
             self._candidates = None
             return self._sent[pts + self._offset]
