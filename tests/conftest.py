@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package: embedded trickle servers on ephemeral ports."""
+"""Fixtures shared by every test package: embedded trickle servers and processors on ephemeral ports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from relay_server.processor import Knobs, ProcessorServer
 from relay_server.trickle.server import TrickleServer
 
 
@@ -25,6 +26,23 @@ async def make_trickle_server() -> AsyncIterator[Callable[..., Awaitable[Trickle
 
     async def make(**kwargs: Any) -> TrickleServer:
         server = TrickleServer(**kwargs)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in reversed(servers):
+        await server.stop()
+
+
+@pytest.fixture
+async def make_processor() -> AsyncIterator[Callable[..., Awaitable[ProcessorServer]]]:
+    """`await make_processor(max_fps=10, port=...)`: a started embedded processor with those knobs;
+    every one it made is stopped at teardown."""
+    servers: list[ProcessorServer] = []
+
+    async def make(port: int = 0, **knobs: Any) -> ProcessorServer:
+        server = ProcessorServer(port=port, knobs=Knobs(**knobs))
         await server.start()
         servers.append(server)
         return server

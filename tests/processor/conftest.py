@@ -7,24 +7,8 @@ from typing import Any
 
 import pytest
 
-from relay_server.processor import Knobs, ProcessorServer
+from relay_server.processor import ProcessorServer
 from tests.processor.client import Client
-
-
-@pytest.fixture
-async def make_processor() -> AsyncIterator[Callable[..., Awaitable[ProcessorServer]]]:
-    """`await make_processor(max_fps=10, input_timeout=0.5)`: a started server with those knobs."""
-    servers: list[ProcessorServer] = []
-
-    async def make(**knobs: Any) -> ProcessorServer:
-        server = ProcessorServer(knobs=Knobs(**knobs))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in reversed(servers):
-        await server.stop()
 
 
 @pytest.fixture

@@ -11,29 +11,13 @@ import av
 import pytest
 
 from relay_server.media.handoff import LatestFrame
-from relay_server.processor import Knobs, ProcessorServer
+from relay_server.processor import ProcessorServer
 from relay_server.webrtc import LinkSettings, LinkState, ProcessorLink
 from tests.webrtc.support import HEIGHT, WIDTH, Changes, ProcessorProcess, Producer, Rig, measure
 
 MakeProcessor = Callable[..., Awaitable[ProcessorServer]]
 MakeProcess = Callable[..., Awaitable[ProcessorProcess]]
 MakeRig = Callable[..., Rig]
-
-
-@pytest.fixture
-async def make_processor() -> AsyncIterator[MakeProcessor]:
-    """`await make_processor(max_fps=10, port=...)`: a started in-process server with those knobs."""
-    servers: list[ProcessorServer] = []
-
-    async def make(port: int = 0, **knobs: Any) -> ProcessorServer:
-        server = ProcessorServer(port=port, knobs=Knobs(**knobs))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in reversed(servers):
-        await server.stop()
 
 
 @pytest.fixture
