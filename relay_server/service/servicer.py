@@ -87,6 +87,13 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateSessionResponse:
+        if (request.width == 0) != (request.height == 0):
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "width and height go together",
+                [FieldViolation("width" if request.width == 0 else "height", "set both or neither")],
+            )
         requests = _control_requests(request)
         if not requests:
             await _abort(
@@ -94,13 +101,6 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "nothing to update: give prompts, width and height, or pause",
                 [FieldViolation("prompts", "empty, and no other field set either")],
-            )
-        if (request.width == 0) != (request.height == 0):
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "width and height go together",
-                [FieldViolation("width" if request.width == 0 else "height", "set both or neither")],
             )
         try:
             session = self.manager.get(request.session_id)

@@ -1,0 +1,253 @@
+#!/usr/bin/env node
+// A small relay.v1.RelayService client: the proto is loaded at run time, no generated code.
+//
+//   node client.js start --subscribe-url URL --publish-url URL --processor-url URL [--id ID] [--prompts JSON]
+//   node client.js get ID
+//   node client.js list
+//   node client.js watch ID [--count N] [--interval S]
+//   node client.js stop ID
+//
+// Options: --server HOST:PORT (default $RELAY_ADDRESS or 127.0.0.1:50051), --token TOKEN
+// (default $RELAY_AUTH_TOKEN; sent as `authorization: Bearer TOKEN`), --tls, --ca-cert PATH.
+// Prints JSON (watch: one snapshot a line). Exit status: 1 for an RPC error, 2 for bad usage.
+'use strict';
+
+const fs = require('node:fs');
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.join(__dirname, '..', '..', 'proto');
+const DEADLINE_MS = 30_000;
+const USAGE = `usage: node client.js [--server HOST:PORT] [--token T] [--tls] [--ca-cert PATH] COMMAND
+  start --subscribe-url URL --publish-url URL --processor-url URL [--id ID] [--prompts JSON]
+  get ID | stop ID | list
+  watch ID [--count N] [--interval S]`;
+
+class UsageError extends Error {}
+
+function loadService() {
+  const definition = protoLoader.loadSync('relay/v1/relay_service.proto', {
+    includeDirs: [PROTO_ROOT], // google/protobuf/*.proto come bundled with protobufjs
+    keepCase: true,
+    longs: Number,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).relay.v1.RelayService;
+}
+
+// -- google.protobuf.Struct <-> plain JSON ----------------------------------------------------------
+
+function toValue(value) {
+  if (value === null) return { nullValue: 'NULL_VALUE' };
+  if (Array.isArray(value)) return { listValue: { values: value.map(toValue) } };
+  switch (typeof value) {
+    case 'number': return { numberValue: value };
+    case 'string': return { stringValue: value };
+    case 'boolean': return { boolValue: value };
+    case 'object': return { structValue: toStruct(value) };
+    default: throw new UsageError(`cannot send ${typeof value} in a workflow`);
+  }
+}
+
+function toStruct(object) {
+  return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, toValue(v)])) };
+}
+
+function fromValue(value) {
+  switch (value.kind) {
+    case 'structValue': return fromStruct(value.structValue);
+    case 'listValue': return value.listValue.values.map(fromValue);
+    case 'nullValue': return null;
+    default: return value[value.kind];
+  }
+}
+
+function fromStruct(struct) {
+  return Object.fromEntries(Object.entries(struct.fields).map(([k, v]) => [k, fromValue(v)]));
+}
+
+// -- output -----------------------------------------------------------------------------------------
+
+const seconds = (d) => (d ? Number(d.seconds) + d.nanos / 1e9 : null);
+const isoTime = (t) => (t ? new Date(seconds(t) * 1000).toISOString() : null);
+
+// A Session as plain JSON: times as ISO strings, durations in seconds, workflows as objects.
+function plainSession(session) {
+  const { config, stats } = session;
+  return {
+    ...session,
+    created_time: isoTime(session.created_time),
+    state_time: isoTime(session.state_time),
+    config: config && {
+      ...config,
+      prompts: config.prompts.map(fromStruct),
+      encoder: config.encoder && { ...config.encoder, gop: seconds(config.encoder.gop) },
+      offer_timeout: seconds(config.offer_timeout),
+    },
+    stats: stats && {
+      ...stats,
+      latency: stats.latency && Object.fromEntries(
+        Object.entries(stats.latency).map(([k, v]) => [k, seconds(v)]),
+      ),
+    },
+  };
+}
+
+const print = (value, indent = 2) => process.stdout.write(JSON.stringify(value, null, indent) + '\n');
+
+// -- commands ---------------------------------------------------------------------------------------
+
+const OPTIONS = {
+  server: { type: 'string', default: process.env.RELAY_ADDRESS || '127.0.0.1:50051' },
+  token: { type: 'string', default: process.env.RELAY_AUTH_TOKEN || '' },
+  tls: { type: 'boolean', default: false },
+  'ca-cert': { type: 'string' },
+  id: { type: 'string', default: '' },
+  'subscribe-url': { type: 'string', default: '' },
+  'publish-url': { type: 'string', default: '' },
+  'processor-url': { type: 'string', default: '' },
+  prompts: { type: 'string' },
+  count: { type: 'string' },
+  interval: { type: 'string' },
+  help: { type: 'boolean', short: 'h', default: false },
+};
+
+function parsePrompts(text) {
+  if (text === undefined) return [];
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    throw new UsageError(`--prompts: not JSON: ${error.message}`);
+  }
+  const workflows = Array.isArray(value) ? value : [value];
+  return workflows.map((workflow, index) => {
+    if (workflow === null || typeof workflow !== 'object' || Array.isArray(workflow)) {
+      throw new UsageError(`--prompts: workflow ${index} is not a JSON object`);
+    }
+    return toStruct(workflow);
+  });
+}
+
+function positiveNumber(name, text) {
+  const value = Number(text);
+  if (!(value > 0)) throw new UsageError(`--${name}: expected a positive number, got ${JSON.stringify(text)}`);
+  return value;
+}
+
+function connect(options) {
+  let credentials = grpc.credentials.createInsecure();
+  if (options.tls || options['ca-cert']) {
+    const roots = options['ca-cert'] ? fs.readFileSync(options['ca-cert']) : null;
+    credentials = grpc.credentials.createSsl(roots);
+  }
+  const RelayService = loadService();
+  return new RelayService(options.server, credentials);
+}
+
+function callOptions(options) {
+  const metadata = new grpc.Metadata();
+  if (options.token) metadata.set('authorization', `Bearer ${options.token}`);
+  return metadata;
+}
+
+function unary(client, method, request, metadata) {
+  return new Promise((resolve, reject) => {
+    client[method](request, metadata, { deadline: Date.now() + DEADLINE_MS }, (error, response) =>
+      (error ? reject(error) : resolve(response)));
+  });
+}
+
+function watch(client, request, metadata, count) {
+  return new Promise((resolve, reject) => {
+    const call = client.WatchSession(request, metadata);
+    let seen = 0;
+    call.on('data', ({ session }) => {
+      print(plainSession(session), 0);
+      seen += 1;
+      if (count !== undefined && seen >= count) {
+        call.cancel();
+        resolve();
+      }
+    });
+    call.on('end', resolve); // the session ended: its final snapshot was the last
+    call.on('error', (error) => (error.code === grpc.status.CANCELLED ? resolve() : reject(error)));
+  });
+}
+
+async function run(argv) {
+  const { values: options, positionals } = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
+  const [command, sessionId, ...extra] = positionals;
+  if (options.help) {
+    process.stdout.write(USAGE + '\n');
+    return;
+  }
+  const needsId = ['get', 'stop', 'watch'].includes(command);
+  if (!['start', 'list', ...(needsId ? [command] : [])].includes(command)) {
+    throw new UsageError(command ? `unknown command ${JSON.stringify(command)}` : 'a command is required');
+  }
+  if (needsId ? !sessionId || extra.length : sessionId !== undefined) {
+    throw new UsageError(needsId ? `${command} takes one session id` : `${command} takes no positional argument`);
+  }
+  const client = connect(options);
+  const metadata = callOptions(options);
+  try {
+    switch (command) {
+      case 'start': {
+        const request = {
+          session_id: options.id,
+          subscribe_url: options['subscribe-url'],
+          publish_url: options['publish-url'],
+          processor_url: options['processor-url'],
+          prompts: parsePrompts(options.prompts),
+        };
+        const { session } = await unary(client, 'StartSession', request, metadata);
+        print(plainSession(session));
+        break;
+      }
+      case 'get':
+      case 'stop': {
+        const method = command === 'get' ? 'GetSession' : 'StopSession';
+        const { session } = await unary(client, method, { session_id: sessionId }, metadata);
+        print(plainSession(session));
+        break;
+      }
+      case 'list': {
+        const { sessions } = await unary(client, 'ListSessions', {}, metadata);
+        print({ sessions: sessions.map(plainSession) });
+        break;
+      }
+      case 'watch': {
+        const count = options.count === undefined ? undefined : positiveNumber('count', options.count);
+        const request = { session_id: sessionId };
+        if (options.interval !== undefined) {
+          const nanos = Math.round(positiveNumber('interval', options.interval) * 1e9);
+          request.interval = { seconds: Math.floor(nanos / 1e9), nanos: nanos % 1e9 };
+        }
+        await watch(client, request, metadata, count);
+        break;
+      }
+    }
+  } finally {
+    client.close();
+  }
+}
+
+const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+run(process.argv.slice(2)).catch((error) => {
+  if (error instanceof UsageError || String(error.code).startsWith('ERR_PARSE_ARGS')) {
+    process.stderr.write(`error: ${error.message}\n${USAGE}\n`);
+    process.exitCode = 2;
+  } else if (typeof error.code === 'number') {
+    process.stderr.write(`error: ${STATUS_NAMES[error.code] ?? error.code}: ${error.details}\n`);
+    process.exitCode = 1;
+  } else {
+    process.stderr.write(`error: ${error.stack || error}\n`);
+    process.exitCode = 1;
+  }
+});

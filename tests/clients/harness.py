@@ -1,0 +1,185 @@
+"""Running the clients against a real relay: the relay on loopback in this process, the clients
+as subprocesses (so the event loop keeps serving while they work)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
+from pathlib import Path
+
+import grpc
+import pytest
+
+from relay_server.service.server import RelayServer
+from relay_server.session.manager import SessionManager
+from relay_server.trickle.server import TrickleServer
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAYCTL = ROOT / "clients" / "python" / "relayctl.py"
+NODE_CLIENT = ROOT / "clients" / "node"
+CLIENT_TIMEOUT = 20.0  # seconds any one client run may take
+SOURCE_FRAMES = 30 * 60  # a minute of 30 fps pattern: longer than any test, cancelled at teardown
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    """The environment without the caller's relay settings, so a test sees only its own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RELAY_ADDRESS", "RELAY_AUTH_TOKEN")}
+    env.update(extra)
+    return env
+
+
+async def run(
+    argv: Sequence[str | Path], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Result:
+    """Run a client to completion (killed after CLIENT_TIMEOUT)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env if env is not None else client_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        stdout, stderr = await process.communicate()
+        pytest.fail(f"{argv} still running after {CLIENT_TIMEOUT:g} s; stderr: {stderr.decode()}")
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())
+
+
+@dataclass
+class Relay:
+    """What a client needs to know: the relay's address, the channels and the processor."""
+
+    address: str
+    trickle: TrickleServer
+    processor_url: str
+    server: RelayServer
+
+    def input_url(self) -> str:
+        return self.trickle.channel_url("in")
+
+    def output_url(self, name: str) -> str:
+        return self.trickle.channel_url(f"out-{name}")
+
+    async def relayctl(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        return await run([sys.executable, RELAYCTL, "--server", self.address, *args], env=env)
+
+    async def relayctl_streaming(self, *args: str) -> Streaming:
+        return await Streaming.start([sys.executable, RELAYCTL, "--server", self.address, *args])
+
+    async def node(self, *args: str) -> Result:
+        return await run(["node", "client.js", "--server", self.address, *args], cwd=NODE_CLIENT)
+
+
+@contextlib.asynccontextmanager
+async def relay_server(
+    trickle: TrickleServer,
+    processor_url: str = "",
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> AsyncIterator[Relay]:
+    server = RelayServer(SessionManager(), interceptors=interceptors, credentials=credentials)
+    await server.start()
+    try:
+        yield Relay(server.address, trickle, processor_url, server)
+    finally:
+        await server.drain(grace=1.0)
+
+
+class Streaming:
+    """A client left running (watch): its output read line by line, each wait bounded."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    @classmethod
+    async def start(cls, argv: Sequence[str | Path], *, cwd: Path | None = None) -> Streaming:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=client_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process)
+
+    async def until(self, matches: Callable[[str], bool], within: float = CLIENT_TIMEOUT) -> str:
+        """The first line from now on that `matches`; fails on a timeout or the end of output."""
+        assert self.process.stdout is not None
+        try:
+            async with asyncio.timeout(within):
+                while line := (await self.process.stdout.readline()).decode():
+                    self.lines.append(line)
+                    if matches(line):
+                        return line
+        except TimeoutError:
+            pass
+        pytest.fail(f"no matching line within {within:g} s; got: {''.join(self.lines[-5:])}")
+
+    async def finish(self, within: float = CLIENT_TIMEOUT) -> Result:
+        """Wait for the client to exit by itself; the rest of its output."""
+        try:
+            async with asyncio.timeout(within):
+                stdout, stderr = await self.process.communicate()
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+            pytest.fail(f"the client did not exit within {within:g} s")
+        assert self.process.returncode is not None
+        self.lines += stdout.decode().splitlines(keepends=True)
+        return Result(self.process.returncode, "".join(self.lines), stderr.decode())
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+def self_signed(directory: Path) -> tuple[grpc.ServerCredentials, Path]:
+    """Server credentials for 127.0.0.1 and the PEM a client verifies them with."""
+    # cryptography comes with aiortc.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path = directory / "relay-ca.pem"
+    path.write_bytes(pem)
+    return grpc.ssl_server_credentials([(key_pem, pem)]), path

@@ -1,0 +1,228 @@
+"""relayctl (clients/python/relayctl.py) against a real relay, run as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pty
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from relay_server.trickle.server import TrickleServer
+from tests.clients.harness import CLIENT_TIMEOUT, RELAYCTL, Relay, client_env, relay_server, run, self_signed
+
+INVERT = {"1": {"class_type": "Invert", "inputs": {}}}
+GRAYSCALE = {"1": {"class_type": "Grayscale", "inputs": {}}}
+FPS = re.compile(r"fps dec=(?P<decoded>[\d.]+) sent=[\d.]+ ret=[\d.]+ enc=(?P<encoded>[\d.]+)")
+
+
+def flowing(line: str) -> bool:
+    """A watch line showing the session running with frames coming out."""
+    match = FPS.search(line)
+    return " RUNNING " in line and match is not None and float(match["encoded"]) > 0
+
+
+async def test_session_lifecycle(live_relay: Relay, tmp_path: Path) -> None:
+    relay = live_relay
+    started = await relay.relayctl(
+        "start",
+        "--id", "ctl-1",
+        "--subscribe-url", relay.input_url(),
+        "--publish-url", relay.output_url("ctl-1"),
+        "--processor-url", relay.processor_url,
+        "--prompts", json.dumps(INVERT),
+        "--width", "256", "--height", "256",
+        "--gop", "1", "--scale-mode", "crop", "--fill", "hold", "--offer-timeout", "20",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    session = json.loads(started.stdout)["session"]
+    assert session["sessionId"] == "ctl-1"
+    assert session["state"] in ("SESSION_STATE_STARTING", "SESSION_STATE_RUNNING")
+    config = session["config"]
+    assert config["prompts"] == [INVERT]
+    assert (config["width"], config["height"]) == (256, 256)
+    assert config["encoder"]["gop"] == "1s"
+    assert config["scaleMode"] == "SCALE_MODE_CROP"
+    assert config["outputFill"] == "OUTPUT_FILL_HOLD"
+    assert config["offerTimeout"] == "20s"
+
+    got = await relay.relayctl("get", "ctl-1")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["session"]["config"]["subscribeUrl"] == relay.input_url()
+
+    listed = await relay.relayctl("list")
+    assert [s["sessionId"] for s in json.loads(listed.stdout)["sessions"]] == ["ctl-1"]
+    table = await relay.relayctl("list", "--output", "table")
+    header, row = table.stdout.splitlines()
+    assert header.split()[:2] == ["ID", "STATE"]
+    assert row.split()[:2] == ["ctl-1", "RUNNING"] or row.split()[:2] == ["ctl-1", "STARTING"]
+
+    # Not a terminal: one line per update, until the session ends.
+    watch = await relay.relayctl_streaming("watch", "ctl-1", "--interval", "0.2")
+    try:
+        line = await watch.until(flowing)
+        parts = ("ctl-1", "latency p50=", "p95=", "p99=", "frames dec=", "queues ", "drops ", "reconnects=0")
+        for part in parts:
+            assert part in line, line
+        assert re.search(r"decoded_frames=\d+/1\b", line), line
+
+        await check_terminal_watch(relay, "ctl-1")
+
+        workflow = tmp_path / "grayscale.json"
+        workflow.write_text(json.dumps([GRAYSCALE]))
+        updated = await relay.relayctl("update", "ctl-1", "--prompts", f"@{workflow}")
+        assert updated.returncode == 0, updated.stderr
+        reply = json.loads(updated.stdout)
+        assert reply["replies"] == [{"type": "prompts_updated", "success": True}]
+        assert reply["session"]["config"]["prompts"] == [GRAYSCALE]
+
+        paused = await relay.relayctl("update", "ctl-1", "--pause", "--output", "table")
+        assert paused.returncode == 0, paused.stderr
+        assert paused.stdout.splitlines()[1].startswith("ctl-1")
+        assert paused.stdout.splitlines()[-1] == 'reply: {"success": true, "type": "prompts_paused"}'
+
+        stopped = await relay.relayctl("stop", "ctl-1")
+        assert stopped.returncode == 0, stopped.stderr
+        session = json.loads(stopped.stdout)["session"]
+        assert session["state"] == "SESSION_STATE_STOPPED"
+        assert session["reason"] == "stopped by request"
+        assert int(session["stats"]["framesEncoded"]) > 0
+
+        # The watch ends by itself with the session's final snapshot.
+        finished = await watch.finish()
+        assert finished.returncode == 0, finished.stderr
+        assert " STOPPED " in finished.stdout.splitlines()[-1]
+    finally:
+        await watch.close()
+
+
+async def check_terminal_watch(relay: Relay, session_id: str) -> None:
+    """On a terminal, watch draws a table and redraws it in place (cursor up, clear, redraw)."""
+    master, slave = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, RELAYCTL, "--server", relay.address,
+            "watch", session_id, "--interval", "0.1", "--count", "2",
+            stdin=asyncio.subprocess.DEVNULL, stdout=slave, stderr=asyncio.subprocess.PIPE, env=client_env(),
+        )  # fmt: skip
+        os.close(slave)
+        slave = -1
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+        output = read_available(master).replace("\r\n", "\n")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    first, redraw = output.split("\x1b[", 1)
+    assert re.match(r"\d+F\x1b\[J", redraw), redraw[:20]  # back to the block's first line, clear below
+    for block in (first, redraw):
+        assert f"session {session_id} on {relay.address}" in block
+        assert "state   RUNNING" in block
+        assert re.search(r"^fps\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", block, re.M), block
+        assert re.search(r"^processor_in_flight\s+\d+\s+4$", block, re.M), block
+        assert "latency p50 " in block and "reconnects 0" in block
+
+
+def read_available(fd: int) -> str:
+    """All the output a pty holds once its writer has exited."""
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError, OSError):  # EIO: every writer has closed
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+async def test_errors_print_code_and_field_violations(bare_relay: Relay) -> None:
+    relay = bare_relay
+    bad = await relay.relayctl(
+        "start", "--id", "bad id", "--subscribe-url", "ftp://example", "--publish-url", relay.output_url("x")
+    )
+    assert bad.returncode == 1
+    assert bad.stdout == ""
+    lines = bad.stderr.splitlines()
+    assert lines[0].startswith("error: INVALID_ARGUMENT: ")
+    assert "  session_id: use 1-128 letters, digits, '.', '_' or '-'" in lines
+    assert "  subscribe_url: must be an http(s) URL with a host, got 'ftp://example'" in lines
+    assert "  processor_url: required" in lines
+
+    missing = await relay.relayctl("get", "nope")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: NOT_FOUND: ")
+
+    watch_missing = await relay.relayctl("watch", "nope")
+    assert (watch_missing.returncode, watch_missing.stderr[:17]) == (1, "error: NOT_FOUND:")
+
+    nothing = await relay.relayctl("update", "nope")
+    assert nothing.returncode == 1
+    assert nothing.stderr.splitlines()[1:] == ["  prompts: empty, and no other field set either"]
+
+    assert json.loads((await relay.relayctl("list")).stdout) == {"sessions": []}
+    empty = await relay.relayctl("list", "--output", "table")
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.split()[:4] == ["ID", "STATE", "AGE", "SIZE"]
+    assert len(empty.stdout.splitlines()) == 1  # the header alone
+
+
+async def test_usage_errors_exit_2(bare_relay: Relay) -> None:
+    for args, message in [
+        (["update", "x", "--prompts", "[1]"], "--prompts: workflow 0 is not a JSON object"),
+        (["update", "x", "--prompts", "{nope"], "--prompts: not JSON"),
+        (["update", "x", "--prompts", "@/nonexistent/workflow.json"], "No such file"),
+        (["start", "--scale-mode", "stretch"], "invalid choice: 'stretch'"),
+        (["update", "x", "--pause", "--resume"], "not allowed with argument"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ]:
+        result = await bare_relay.relayctl(*args)
+        assert result.returncode == 2, (args, result)
+        assert message in result.stderr, (args, result.stderr)
+
+
+class RecordMetadata(grpc.aio.ServerInterceptor):
+    """Keeps the invocation metadata of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        self.calls.append({key: str(value) for key, value in handler_call_details.invocation_metadata or ()})
+        return await continuation(handler_call_details)
+
+
+async def test_token_and_address_from_the_environment(trickle_server: TrickleServer) -> None:
+    recorder = RecordMetadata()
+    async with relay_server(trickle_server, interceptors=[recorder]) as relay:
+        env = client_env(RELAY_ADDRESS=relay.address, RELAY_AUTH_TOKEN="from-env")
+        result = await relay.relayctl("list", env=env)  # --server given too: the flag wins
+        assert result.returncode == 0, result.stderr
+        by_env = await run([sys.executable, RELAYCTL, "list", "--output", "table"], env=env)
+        assert by_env.returncode == 0, by_env.stderr
+        flag = await relay.relayctl("--token", "from-flag", "list", env=env)
+        assert flag.returncode == 0, flag.stderr
+        no_token = await relay.relayctl("list")
+        assert no_token.returncode == 0, no_token.stderr
+    tokens = [call.get("authorization") for call in recorder.calls]
+    assert tokens == ["Bearer from-env", "Bearer from-env", "Bearer from-flag", None]
+
+
+async def test_tls(trickle_server: TrickleServer, tmp_path: Path) -> None:
+    credentials, ca = self_signed(tmp_path)
+    async with relay_server(trickle_server, credentials=credentials) as relay:
+        verified = await relay.relayctl("--ca-cert", str(ca), "list")
+        assert (verified.returncode, verified.stderr) == (0, "")
+        plaintext = await relay.relayctl("list", "--timeout", "2")
+        assert plaintext.returncode == 1
+        assert plaintext.stderr.startswith("error: UNAVAILABLE: ")
