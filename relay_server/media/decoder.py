@@ -174,14 +174,16 @@ class Decoder:
         try:
             try:
                 with av.open(
-                    self._queue,
+                    _EndOnAbort(self._queue),
                     mode="r",
                     format="mpegts",
                     buffer_size=READ_SIZE,
                     container_options=PROBE_OPTIONS,
                 ) as container:
                     self._decode(container)
-            except QueueAborted as exc:
+            except Exception as exc:
+                if not self._queue.aborted and not isinstance(exc, QueueAborted):
+                    raise
                 if self._stopping:
                     log.debug("decoder %s: stopped", self.name)
                     return
@@ -328,3 +330,21 @@ def _describe_audio(stream: av.AudioStream, packet: av.Packet) -> AudioStreamInf
     time_base = stream.time_base
     assert time_base is not None  # a demuxer always sets it
     return AudioStreamInfo(context.name, sample_rate, channels, time_base, context.extradata)
+
+
+class _EndOnAbort:
+    """The ChunkQueue as the demuxer reads it: an aborted queue reads as the end of the input.
+
+    An exception raised inside PyAV's read callback while av.open() probes is printed and dropped
+    ("PyAV library exception being dropped"); an end of input is not. The decoder then tells an
+    abort from a real end by asking the queue.
+    """
+
+    def __init__(self, queue: ChunkQueue) -> None:
+        self._queue = queue
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._queue.read(n)
+        except QueueAborted:
+            return b""
