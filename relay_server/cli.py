@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -118,6 +119,133 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+_FROM_ENV: Any = object()  # a serve flag not given: its RELAY_* variable, or the default, decides
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a settings.parse_* function: its ValueError becomes a usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    from relay_server import settings
+
+    environment = (settings.__doc__ or "").split("\n", 1)[1].strip("\n")
+    parser = commands.add_parser(
+        "serve",
+        help="run the relay's gRPC service (sessions, health, reflection, metrics)",
+        description="Serve relay.v1.RelayService: sessions are started, steered and watched over gRPC\n"
+        "(with gRPC health and reflection, and Prometheus metrics on a port of their own).\n\n"
+        "SIGTERM or SIGINT drains: health goes NOT_SERVING, every session is stopped, then the\n"
+        "server; the exit code is then 0. Invalid options exit with code 2 and say what is wrong.",
+        epilog=f"environment variables:\n\n{environment}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    def add(*flags: str, **options: Any) -> None:
+        parser.add_argument(*flags, default=_FROM_ENV, **options)
+
+    add(
+        "--listen",
+        type=_checked(settings.parse_host_port),
+        metavar="HOST:PORT",
+        help="gRPC address (env RELAY_LISTEN, default 127.0.0.1:50051; port 0: any free port)",
+    )
+    add(
+        "--max-sessions",
+        type=_checked(settings.parse_count),
+        metavar="N",
+        help="sessions run at once at most (env RELAY_MAX_SESSIONS, default 8)",
+    )
+    add(
+        "--allow-hosts",
+        type=_checked(settings.parse_hosts),
+        metavar="H1,H2",
+        help="the only hosts sessions may connect to: channels and processors "
+        "(env RELAY_ALLOW_HOSTS, default empty: any host)",
+    )
+    add(
+        "--metrics-listen",
+        type=_checked(settings.parse_optional_host_port),
+        metavar="HOST:PORT",
+        help="Prometheus endpoint, GET /metrics (env RELAY_METRICS_LISTEN, default 127.0.0.1:9102; "
+        "'off' or empty: none)",
+    )
+    add(
+        "--auth-token",
+        metavar="TOKEN",
+        help="require 'authorization: Bearer TOKEN' metadata on RelayService calls; health and "
+        "reflection stay open (env RELAY_AUTH_TOKEN, default none; prefer the variable: "
+        "flags show in the process list)",
+    )
+    add(
+        "--tls-cert",
+        type=_checked(settings.parse_file),
+        metavar="PATH",
+        help="PEM certificate chain: serve TLS only, with --tls-key (env RELAY_TLS_CERT)",
+    )
+    add("--tls-key", type=_checked(settings.parse_file), metavar="PATH", help="PEM key (env RELAY_TLS_KEY)")
+    add(
+        "--log-format",
+        type=_checked(settings.parse_log_format),
+        metavar="text|json",
+        help="text lines with [session=ID], or one JSON object per line (env RELAY_LOG_FORMAT, default text)",
+    )
+    add(
+        "--log-level",
+        dest="serve_log_level",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (env RELAY_LOG_LEVEL, default INFO)",
+    )
+    add(
+        "--drain-grace",
+        type=_checked(settings.parse_seconds),
+        metavar="SECONDS",
+        help="on shutdown, how long in-flight RPCs may still run once the sessions are stopped "
+        "(env RELAY_DRAIN_GRACE, default 5)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from relay_server.service import app
+
+        def pick(flag: Any, from_env: Callable[[], Any]) -> Any:
+            return from_env() if flag is _FROM_ENV else flag
+
+        try:
+            try:
+                level_flag = args.serve_log_level
+                level = settings.parse_log_level(
+                    args.log_level or "INFO" if level_flag is _FROM_ENV else level_flag
+                )
+            except ValueError as error:
+                raise ValueError(f"--log-level / RELAY_LOG_LEVEL: {error}") from None
+            options = app.ServeOptions(
+                listen=pick(args.listen, settings.listen),
+                max_sessions=pick(args.max_sessions, settings.max_sessions),
+                allow_hosts=pick(args.allow_hosts, settings.allow_hosts),
+                metrics_listen=pick(args.metrics_listen, settings.metrics_listen),
+                auth_token=pick(args.auth_token, settings.auth_token),
+                tls_cert=pick(args.tls_cert, settings.tls_cert),
+                tls_key=pick(args.tls_key, settings.tls_key),
+                log_format=pick(args.log_format, settings.log_format),
+                log_level=level,
+                drain_grace=pick(args.drain_grace, settings.drain_grace),
+            )
+            options.check()
+        except ValueError as error:
+            parser.error(str(error))
+        return app.run(options)
+
+    parser.set_defaults(run=run, own_logging=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trickle-relay", description=__doc__)
     parser.add_argument(
@@ -126,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging level (env RELAY_LOG_LEVEL, default INFO)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
     _add_trickle_server(commands)
     _add_demo(commands)
     _add_processor(commands)
@@ -134,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if not getattr(args, "own_logging", False):  # serve sets up its own (formats, session ids)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

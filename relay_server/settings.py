@@ -8,11 +8,41 @@ TRICKLE_TIMEOUT      seconds a trickle request may go without progress (connecti
                      for a segment to start, or mid-body) before it is re-issued (default 20).
 TRICKLE_WORKERS      threads each of a session's codecs (the input decoder, the output encoder)
                      may use; slice threads, which add no latency (default 2).
+
+`trickle-relay serve` takes each of the following as a flag too; a flag given wins over its variable.
+
+RELAY_LISTEN         HOST:PORT the gRPC service listens on (--listen; default 127.0.0.1:50051;
+                     0.0.0.0 or [::] for every interface, port 0 for any free port).
+RELAY_MAX_SESSIONS   sessions the relay runs at once; more are refused with RESOURCE_EXHAUSTED
+                     (--max-sessions; default 8).
+RELAY_ALLOW_HOSTS    comma-separated host names the relay may connect to for a session's channels
+                     and processor; a URL with any other host is refused (--allow-hosts; default
+                     empty: any host).
+RELAY_METRICS_LISTEN HOST:PORT of the Prometheus endpoint, GET /metrics (--metrics-listen; default
+                     127.0.0.1:9102; empty or "off": no endpoint).
+RELAY_AUTH_TOKEN     bearer token RelayService calls must carry as `authorization: Bearer <token>`
+                     metadata; health and reflection stay open (--auth-token; default none:
+                     no authentication).
+RELAY_TLS_CERT       PEM certificate chain file and
+RELAY_TLS_KEY        PEM private key file: with both, the gRPC service speaks TLS only (--tls-cert,
+                     --tls-key; both or neither; default none: plaintext).
+RELAY_LOG_FORMAT     "text" (one line per record, `[session=ID]` on a session's records) or "json"
+                     (one object per line: time, level, logger, message, session_id, exc_info)
+                     (--log-format; default text).
+RELAY_LOG_LEVEL      DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level; default INFO).
+RELAY_DRAIN_GRACE    seconds in-flight RPCs get to finish on SIGTERM/SIGINT once every session is
+                     stopped, before they are cancelled (--drain-grace; default 5).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 def env_int(name: str, default: int, *, minimum: int = 1) -> int:
@@ -55,3 +85,148 @@ def request_timeout() -> float:
 
 def workers() -> int:
     return env_int("TRICKLE_WORKERS", 2, minimum=1)
+
+
+# -- `trickle-relay serve` ------------------------------------------------------------------------
+# Each parse_* function takes the text of a flag or a variable and raises ValueError saying what is
+# wrong; each getter reads its RELAY_* variable (unset or blank: the default) and names it in errors.
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+METRICS_OFF = ("", "off")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """ "HOST:PORT" (an IPv6 host in brackets; no host: 127.0.0.1) → (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def parse_optional_host_port(text: str) -> tuple[str, int] | None:
+    """Like parse_host_port; empty or "off" → None (disabled)."""
+    return None if text.strip().lower() in METRICS_OFF else parse_host_port(text)
+
+
+def parse_count(text: str, *, minimum: int = 1) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise ValueError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # also rejects NaN
+        raise ValueError(f"must be a finite number of seconds, at least 0, got {text!r}")
+    return value
+
+
+def parse_hosts(text: str) -> frozenset[str]:
+    """ "h1,h2" → {"h1", "h2"} (lower case, blanks ignored; IPv6 with or without brackets);
+    "" → empty: any host."""
+    hosts = set()
+    for item in text.split(","):
+        host = item.strip().lower()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host:
+            continue
+        if any(c.isspace() or c in "/@[]" for c in host) or (":" in host and not _is_ipv6(host)):
+            raise ValueError(f"expected comma-separated host names (no scheme or port), got {item.strip()!r}")
+        hosts.add(host)
+    return frozenset(hosts)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def parse_log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return value
+
+
+def parse_log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return value
+
+
+def parse_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {text!r}")
+    return path
+
+
+def _env(name: str, default: str, parse: Callable[[str], _T]) -> _T:
+    raw = os.environ.get(name)
+    text = default if raw is None or raw.strip() == "" else raw
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def listen() -> tuple[str, int]:
+    return _env("RELAY_LISTEN", "127.0.0.1:50051", parse_host_port)
+
+
+def max_sessions() -> int:
+    return _env("RELAY_MAX_SESSIONS", "8", parse_count)
+
+
+def allow_hosts() -> frozenset[str]:
+    return _env("RELAY_ALLOW_HOSTS", "", parse_hosts)
+
+
+def metrics_listen() -> tuple[str, int] | None:
+    raw = os.environ.get("RELAY_METRICS_LISTEN")
+    if raw is not None and raw.strip().lower() in METRICS_OFF:
+        return None  # set but empty: disabled (unlike the other variables, where blank means unset)
+    return _env("RELAY_METRICS_LISTEN", "127.0.0.1:9102", parse_optional_host_port)
+
+
+def auth_token() -> str | None:
+    return os.environ.get("RELAY_AUTH_TOKEN") or None
+
+
+def tls_cert() -> Path | None:
+    return _env("RELAY_TLS_CERT", "", _optional_file)
+
+
+def tls_key() -> Path | None:
+    return _env("RELAY_TLS_KEY", "", _optional_file)
+
+
+def _optional_file(text: str) -> Path | None:
+    return parse_file(text) if text else None
+
+
+def log_format() -> str:
+    return _env("RELAY_LOG_FORMAT", "text", parse_log_format)
+
+
+def log_level() -> str:
+    return _env("RELAY_LOG_LEVEL", "INFO", parse_log_level)
+
+
+def drain_grace() -> float:
+    return _env("RELAY_DRAIN_GRACE", "5", parse_seconds)
