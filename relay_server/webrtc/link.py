@@ -73,6 +73,9 @@ class LinkSettings:
     repeat_after: float = REPEAT_AFTER  # input stall after which the last frame is sent again
     max_in_flight: int = MAX_IN_FLIGHT  # frames at the processor at once (0: no limit)
     max_fps: float = 0.0  # frames per second sent at most (0: the input's rate)
+    # Release frames at their media time. Off, a frame goes as soon as it is decoded and the
+    # processor has room: an input that is behind catches up as fast as the relay can go.
+    pace: bool = True
     # aiortc's own H.264 encoder instead of ours (x264's default preset, re-created whenever the
     # bandwidth estimate moves by 10%): the baseline the benchmarks measure the relay against.
     stock_encoder: bool = False
@@ -319,7 +322,7 @@ class _Connection:
             frames,
             self.encoder,
             executor,
-            pacer=link.pacer,
+            pacer=link.pacer if settings.pace else None,
             roundtrip=self.roundtrip,
             in_flight=self.in_flight,
             clock_origin=link._origin,

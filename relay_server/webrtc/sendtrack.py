@@ -121,7 +121,7 @@ class SendTrack(MediaStreamTrack):
         encoder: VideoEncoder | None,
         executor: Executor,
         *,
-        pacer: Pacer,
+        pacer: Pacer | None,
         roundtrip: RoundTrip,
         in_flight: InFlight,
         clock_origin: float,
@@ -183,8 +183,8 @@ class SendTrack(MediaStreamTrack):
 
     async def _until_due(self, frame: av.VideoFrame) -> None:
         now = time.monotonic()
-        due = now  # without media time: now
-        if frame.pts is not None and frame.time_base:
+        due = now  # without media time or pacing: now
+        if self._pacer is not None and frame.pts is not None and frame.time_base:
             due = self._pacer.due(float(frame.pts * frame.time_base), now)
         delay = max(due, self._last_sent + self._min_interval) - now
         if delay > 0:
