@@ -6,12 +6,12 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["trickle", "fast", "media"]
+BENCHMARKS = ["trickle", "fast", "media", "webrtc", "startup"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
+    parser.add_argument("--quick", action="store_true", help="short runs (a few minutes in all)")
     parser.add_argument("names", nargs="*", metavar="name", help="any of: " + ", ".join(BENCHMARKS))
     args = parser.parse_args()
     unknown = set(args.names) - set(BENCHMARKS)
