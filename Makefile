@@ -10,8 +10,10 @@ PY_SOURCES := $(wildcard relay_server tests bench clients)
 # The Node.js client's dependencies, installed for `make test` when npm is here (its test skips otherwise).
 NPM := $(shell command -v npm 2>/dev/null)
 NODE_DEPS := $(if $(NPM),clients/node/node_modules)
+# ffprobe (Debian's ffmpeg) lets a test read the demo's output the way players do.
+SYSTEM_TOOLS := $(if $(shell command -v ffprobe 2>/dev/null),,system-tools)
 
-.PHONY: all demo test soak bench bench-quick lint clean
+.PHONY: all demo test soak bench bench-quick lint clean system-tools
 
 all: $(INSTALLED)
 
@@ -24,8 +26,15 @@ $(INSTALLED): $(BUILD_INPUTS)
 demo: $(INSTALLED)
 	$(PY) -m relay_server demo
 
-test: $(INSTALLED) $(NODE_DEPS)
+test: $(INSTALLED) $(NODE_DEPS) $(SYSTEM_TOOLS)
 	$(PY) -m pytest -q
+
+system-tools:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		{ apt-get install -y -q --no-install-recommends ffmpeg >/dev/null 2>&1 \
+		  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ffmpeg >/dev/null; }; } \
+		|| echo "ffmpeg could not be installed: the ffprobe test will be skipped"; \
+	else echo "no apt-get as root here: the ffprobe test will be skipped"; fi
 
 # A failed install (no registry) only means the Node client's test skips, saying why.
 clients/node/node_modules: clients/node/package.json clients/node/package-lock.json

@@ -148,8 +148,10 @@ def _summarise(output_dir: Path, published: int, session: pb.Session, startup: f
         f" output byte) {startup * 1000:.0f} ms; round trip p50 {stats.latency.p50.ToMilliseconds()} ms,"
         f" p99 {stats.latency.p99.ToMilliseconds()} ms; drops {dict(stats.drops)}"
     )
-    # aiortc's jitter buffers may keep the very last frame or two.
-    return 0 if len(processed) >= published - 3 else 1
+    # Every frame is in the output or counted where it went (a loaded machine makes latest-wins
+    # hand-offs let some go); the processor's jitter buffer may keep the very last one or two.
+    accounted = sum(count for reason, count in stats.drops.items() if reason != "audio_not_carried")
+    return 0 if published // 2 < len(processed) and len(processed) >= published - accounted - 3 else 1
 
 
 def _side_by_side(originals: list[np.ndarray], processed: np.ndarray) -> np.ndarray:
