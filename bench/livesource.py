@@ -1,0 +1,456 @@
+"""The end-to-end benchmark's far side: a live indexed source and output readers, timed per frame.
+
+- LiveSource publishes frames on a trickle channel in real time, each carrying its index in its
+  pixels (bench.frameindex). It is publish_pattern's live source composed from the same parts
+  (VideoEncoder → Segmenter → SegmentPublisherSink) on a thread of its own, so that it knows which
+  bytes are whose: the segmenter flushes after every packet, one packet per frame, so the bytes
+  written while frame i is muxed are frame i's. The publisher is wrapped to stamp the moment each
+  of those byte strings is handed to its SegmentWriter.write: frame i's publish time is the last
+  of its stamps (time.monotonic).
+- OutputReader subscribes to an output channel and decodes it progressively (the relay's own
+  Decoder, fed through a ChunkQueue by feed()), reading each frame's index. Receive times are
+  not decode times: libavformat's H.264 parser gives a frame out only when the next one starts,
+  a frame interval late. ArrivalScanner instead stamps, for every video PES (one frame) of the
+  MPEG-TS, when the chunk holding its last TS packet arrived, keyed by its PTS; the decoded frame
+  is joined to it by its pts. The subscriber reads an embedded trickle server on loopback, so
+  receive ≈ publish time of the relay's output.
+
+Both run in a process of their own with the trickle server (`python -m bench.livesource`, driven
+by SourceProcess over JSON lines on stdin/stdout), so the relay's process spends its CPU on the
+relay alone. time.monotonic is the system's CLOCK_MONOTONIC: comparable across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import av
+
+from bench.frameindex import IndexCode
+from bench.media import source_frames
+from relay_server import settings
+from relay_server._fast import ChunkQueue
+from relay_server.media.decoder import Decoder
+from relay_server.media.encoder import CLOCK, VideoEncoder
+from relay_server.media.feeder import feed
+from relay_server.media.output import SegmentPublisherSink
+from relay_server.media.scaler import ScaleMode
+from relay_server.media.segmenter import Segmenter
+from relay_server.trickle import Publisher, SegmentWriter, Subscriber
+from relay_server.trickle.server import TrickleServer
+
+log = logging.getLogger(__name__)
+
+FPS = 30
+BITRATE = 3_000_000  # a live 720p stream's rate (bench.media's)
+GOP = 1.0  # seconds per GOP, and so per input segment
+TS_PACKET = 188
+
+
+# -- the source --------------------------------------------------------------------------------
+
+
+class _StampingWriter:
+    """A SegmentWriter whose write() reports each byte string once the publisher has taken it."""
+
+    def __init__(self, writer: SegmentWriter, on_written: Any) -> None:
+        self._writer = writer
+        self._on_written = on_written
+        self.seq = writer.seq
+
+    async def write(self, data: bytes) -> None:
+        await self._writer.write(data)
+        self._on_written(data)
+
+    async def close(self) -> Any:
+        return await self._writer.close()
+
+    async def abort(self) -> Any:
+        return await self._writer.abort()
+
+
+class _StampingPublisher(Publisher):
+    def __init__(self, url: str, on_written: Any) -> None:
+        super().__init__(url)
+        self._on_written = on_written
+
+    async def segment(self) -> SegmentWriter:
+        writer = await super().segment()
+        return _StampingWriter(writer, self._on_written)  # type: ignore[return-value]
+
+
+class _TaggingSink:
+    """Between the segmenter and the publishing sink, on the encode thread: tags each byte
+    string with the frame being muxed when it was written."""
+
+    def __init__(self, sink: SegmentPublisherSink, tags: dict[int, tuple[bytes, int]]) -> None:
+        self.sink = sink
+        self.current = -1  # the frame being muxed
+        self._tags = tags
+
+    def begin(self, index: int) -> None:
+        self.sink.begin(index)
+
+    def write(self, data: bytes) -> None:
+        # Keyed by identity (the sink hands the same object to the writer); the value keeps it
+        # alive, so the id is not reused before the stamp pops it.
+        self._tags[id(data)] = (data, self.current)
+        self.sink.write(data)
+
+    def end(self, index: int) -> None:
+        self.sink.end(index)
+
+
+class LiveSource:
+    """Indexed frames at `fps` on the channel at `url`, in real time, until stop(). `published`
+    maps each frame index to its publish time (time.monotonic)."""
+
+    def __init__(
+        self, url: str, width: int, height: int, *, fps: int = FPS, bitrate: int = BITRATE, gop: float = GOP
+    ) -> None:
+        self.url = url
+        self.width, self.height, self.fps = width, height, fps
+        self.code = IndexCode(width, height)
+        self.published: dict[int, float] = {}
+        self.frames = 0  # frames encoded
+        self._tags: dict[int, tuple[bytes, int]] = {}
+        self._publisher = _StampingPublisher(url, self._written)
+        self._sink = SegmentPublisherSink(self._publisher)
+        self._tagger = _TaggingSink(self._sink, self._tags)
+        self._encoder = VideoEncoder(width, height, gop=gop, bitrate=bitrate, fps=fps)
+        self._segmenter = Segmenter(self._tagger, width, height)
+        self._pictures = source_frames(width, height)  # the test pattern with moving noise
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    async def start(self) -> None:
+        await self._publisher.create_channel()
+        self._sink.start()
+        self._thread = threading.Thread(target=self._run, name="live-source", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        await self._sink.stop()
+        await self._publisher.close()
+
+    def _written(self, data: bytes) -> None:
+        tag = self._tags.pop(id(data), None)
+        if tag is not None and tag[1] >= 0:
+            self.published[tag[1]] = time.monotonic()  # the last write of a frame wins
+
+    def _run(self) -> None:
+        try:
+            origin = time.monotonic()
+            index = 0
+            while not self._stop.is_set():
+                delay = origin + index / self.fps - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+                picture = self._pictures[index % len(self._pictures)]
+                self.code.draw(picture, index)  # x264 copies the picture in: it may be drawn on again
+                self._tagger.current = index
+                for packet in self._encoder.encode(picture, round(index / self.fps / CLOCK)):
+                    self._segmenter.mux_video(packet)
+                self.frames = index = index + 1
+            for packet in self._encoder.close():
+                self._segmenter.mux_video(packet)
+            self._segmenter.close()
+        except Exception as exc:  # the sink stopped under us, most likely
+            self.error = exc
+            log.warning("live source: %r", exc)
+
+
+# -- the output reader ---------------------------------------------------------------------------
+
+
+class ArrivalScanner:
+    """Fed an MPEG-TS byte stream chunk by chunk, with each chunk's arrival time: `arrivals` maps
+    the PTS of every video PES (one frame) to when its last TS packet arrived."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[int, float] = {}
+        self.resyncs = 0  # times the stream was not on a 188-byte TS packet boundary
+        self._rest = b""
+        self._pid: int | None = None  # the video PID, from the first video PES header
+        self._pts: int | None = None  # the PES being received
+
+    def feed(self, chunk: bytes, at: float) -> None:
+        data = self._rest + chunk if self._rest else chunk
+        offset, end = 0, len(data)
+        while end - offset >= TS_PACKET:
+            if data[offset] != 0x47:
+                self.resyncs += 1
+                found = data.find(b"\x47", offset + 1)
+                offset = end if found < 0 else found
+                continue
+            self._packet(data, offset, at)
+            offset += TS_PACKET
+        self._rest = data[offset:]
+
+    def _packet(self, data: bytes, offset: int, at: float) -> None:
+        pid = ((data[offset + 1] & 0x1F) << 8) | data[offset + 2]
+        if self._pid is not None and pid != self._pid:
+            return
+        control = (data[offset + 3] >> 4) & 0x3
+        if not control & 0x1:
+            return  # adaptation field only: no payload
+        start = offset + 4 + (1 + data[offset + 4] if control & 0x2 else 0)
+        if data[offset + 1] & 0x40:  # payload_unit_start: a PES begins here
+            header = data[start : start + 14]
+            if (
+                len(header) >= 14
+                and header[:3] == b"\0\0\1"
+                and 0xE0 <= header[3] <= 0xEF
+                and header[7] & 0x80
+            ):
+                self._pid = pid
+                self._pts = (
+                    ((header[9] >> 1) & 0x7) << 30
+                    | header[10] << 22
+                    | (header[11] >> 1) << 15
+                    | header[12] << 7
+                    | header[13] >> 1
+                )
+        if self._pid == pid and self._pts is not None:
+            self.arrivals[self._pts] = at
+
+
+class OutputReader:
+    """Reads the channel at `url` from segment `start_seq` (0: its first), decodes every frame
+    and reads its index (`code` is the source's, `mode` how the relay scaled it). `results()`:
+    one (index or None, receive time, decode time) per frame, in output order."""
+
+    def __init__(
+        self, url: str, code: IndexCode, mode: ScaleMode = ScaleMode.LETTERBOX, *, start_seq: int = 0
+    ) -> None:
+        self.url = url
+        self.start_seq = start_seq
+        self.code = code
+        self.mode = mode
+        self.scanner = ArrivalScanner()
+        self._frames: list[tuple[int | None, int | None, float]] = []  # index, pts, decoded at
+        self._queue = ChunkQueue(settings.buffer_size())
+        self._decoder = Decoder(
+            self._queue, self._on_frame, on_exit=self._on_exit, name=f"reader {url.rsplit('/', 1)[-1]}"
+        )
+        self._subscriber: Subscriber | None = None
+        self._feeding: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exited = asyncio.Event()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._subscriber = Subscriber(self.url, start_seq=self.start_seq, startup_grace=60.0)
+        self._decoder.start()
+        self._feeding = asyncio.create_task(feed(self._stamped(self._subscriber), self._queue))
+
+    async def stop(self) -> None:
+        """Stop reading now (what was decoded stays)."""
+        await asyncio.to_thread(self._decoder.stop)  # first: an aborted feed is then no error
+        if self._feeding is not None:
+            self._feeding.cancel()
+            await asyncio.gather(self._feeding, return_exceptions=True)
+        if self._subscriber is not None:
+            await self._subscriber.close()
+
+    async def ended(self, within: float) -> None:
+        """Wait up to `within` seconds for the channel to end and its frames to be decoded."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), within)
+
+    @property
+    def frames(self) -> int:
+        return len(self._frames)
+
+    def results(self) -> list[tuple[int | None, float, float]]:
+        arrivals = self.scanner.arrivals
+        return [
+            (index, arrivals.get(pts, decoded) if pts is not None else decoded, decoded)
+            for index, pts, decoded in list(self._frames)
+        ]
+
+    async def _stamped(self, subscriber: Subscriber) -> AsyncIterator[AsyncIterator[bytes]]:
+        async for segment in subscriber:
+            yield self._stamped_segment(segment)
+
+    async def _stamped_segment(self, segment: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in segment:
+            self.scanner.feed(chunk, time.monotonic())
+            yield chunk
+
+    def _on_exit(self) -> None:  # on the decode thread, last
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._exited.set)
+
+    def _on_frame(self, frame: av.VideoFrame) -> None:  # on the decode thread
+        decoded = time.monotonic()
+        self._frames.append((self.code.read(frame, self.mode), frame.pts, decoded))
+
+
+# -- the process: a trickle server, the source and readers, driven over JSON lines -----------------
+
+
+async def serve(width: int, height: int, fps: int, bitrate: int) -> None:
+    """Run the server and the source; answer one JSON request per stdin line on stdout."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    readers: dict[str, OutputReader] = {}
+    async with TrickleServer() as server:
+        source = LiveSource(server.channel_url("input"), width, height, fps=fps, bitrate=bitrate)
+        await source.start()
+        _reply({"input": source.url, "server": server.url, "pid": os.getpid()})
+        try:
+            while line := await stdin.readline():
+                request = json.loads(line)
+                op = request["op"]
+                if op == "read":  # read a channel (created first unless it exists) as `name`
+                    url = server.channel_url(request["channel"])
+                    start_seq = int(request.get("start_seq", 0))
+                    if request.get("create", True):
+                        creator = Publisher(url)
+                        await creator.create_channel()
+                        await creator.close(delete_channel=False)
+                    mode = ScaleMode(request.get("mode", ScaleMode.LETTERBOX.value))
+                    reader = readers[request["name"]] = OutputReader(
+                        url, source.code, mode, start_seq=start_seq
+                    )
+                    reader.start()
+                    _reply({"url": url})
+                elif op == "collect":  # wait for the channel's end (a short while), stop, report
+                    reader = readers.pop(request["name"])
+                    await reader.ended(float(request.get("within", 2.0)))
+                    await reader.stop()
+                    _reply({"received": reader.results(), "resyncs": reader.scanner.resyncs})
+                elif op == "published":  # publish times of frames published in [start, end]
+                    start, end = request["start"], request["end"]
+                    published = [(i, t) for i, t in list(source.published.items()) if start <= t <= end]
+                    _reply({"published": published, "frames": source.frames})
+                else:
+                    _reply({"error": f"unknown op {op!r}"})
+                if source.error is not None:
+                    raise RuntimeError(f"the live source failed: {source.error!r}")
+        finally:
+            for reader in readers.values():
+                await reader.stop()
+            await source.stop()
+
+
+def _reply(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+class SourceProcess:
+    """`python -m bench.livesource` as a child process: `input` is the live channel's URL;
+    request() sends one op and returns its answer."""
+
+    def __init__(self, width: int, height: int, *, fps: int = FPS, bitrate: int = BITRATE) -> None:
+        self.args = [
+            "--width",
+            str(width),
+            "--height",
+            str(height),
+            "--fps",
+            str(fps),
+            "--bitrate",
+            str(bitrate),
+        ]
+        self.process: asyncio.subprocess.Process | None = None
+        self.input = ""
+        self.server = ""
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> SourceProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.livesource",
+            *self.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # a collect answer is one long line
+        )
+        try:
+            ready = await asyncio.wait_for(self._read(), 60)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        self.input, self.server = ready["input"], ready["server"]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()  # EOF: the child stops its source and exits
+        try:
+            await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def request(self, op: str, **arguments: Any) -> dict[str, Any]:
+        process = self.process
+        assert process is not None and process.stdin is not None
+        async with self._lock:
+            process.stdin.write((json.dumps({"op": op, **arguments}) + "\n").encode())
+            await process.stdin.drain()
+            answer = await self._read()
+        if "error" in answer:
+            raise RuntimeError(f"live source process: {answer['error']}")
+        return answer
+
+    def cpu_seconds(self) -> float:
+        """The child's CPU time so far (Linux /proc; NaN elsewhere)."""
+        assert self.process is not None
+        return process_cpu_seconds(self.process.pid)
+
+    async def _read(self) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdout is not None
+        line = await self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the live source process exited ({await self.process.wait()})")
+        return json.loads(line)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (NaN when unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="A live indexed source and output readers (bench e2e's child)."
+    )
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--fps", type=int, default=FPS)
+    parser.add_argument("--bitrate", type=int, default=BITRATE)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(serve(args.width, args.height, args.fps, args.bitrate))
+
+
+if __name__ == "__main__":
+    main()
