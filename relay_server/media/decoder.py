@@ -1,18 +1,29 @@
 """Decoder: one demuxer and one H.264 decoder for a session's whole input, on a thread of their own.
 
 The input's bytes arrive through a ChunkQueue (filled by feed() on the event loop). The thread
-demuxes MPEG-TS as the bytes come, decodes each video frame as soon as the demuxer has its packet,
+demuxes MPEG-TS as the bytes come, decodes each video frame as soon as its access unit is complete,
 scales it and hands it to on_frame; audio packets go to on_audio undecoded. Timestamps are the
 input's own (the stream's time_base, 90 kHz for MPEG-TS), never rewritten.
+
+Two demuxers share the work, on the one thread. H.264 video is cut out of the TS by a VideoSplitter
+(tsvideo.py), which knows an access unit is complete at its last TS packet; libavformat would
+know only once the next one starts, a frame interval later (see PROBE_OPTIONS). libavformat
+demuxes the audio (and everything, video included, when the video is not H.264). Every chunk read
+from the queue goes through the splitter first, then on to libavformat: a unit the splitter
+completed is decoded when libavformat asks for the bytes after it, so that the callbacks still
+come in input order (an audio packet before a frame whose last byte came after it). Input without
+audio, or whose audio nobody takes, skips libavformat altogether.
 
 Callbacks run on the decode thread, in this order per packet: on_video_packet, then on_frame for
 each frame the packet completed (or on_audio for an audio packet). on_audio_stream comes once,
 before the first on_audio of a packet whose stream parameters are known, with an AudioInfo a
 muxer can carry the packets with (built here: it must be made on the thread that owns the
-demuxer). Exactly one of on_end (the input ended and every frame was delivered) or on_error (the
-decoder gave up) ends a run, unless stop() ended it first; on_exit comes last in every case, so
-an owner on an event loop can wait for the thread without blocking (stop(wait=False), then join
-only once on_exit has come).
+demuxer); when the input has audio for on_audio, the first frames wait for it (at most
+AUDIO_WAIT), so that an owner can add the stream to its output before the video begins. Exactly
+one of on_end (the input ended and every frame was delivered) or on_error (the decoder gave up)
+ends a run, unless stop() ended it first; on_exit comes last in every case, so an owner on an
+event loop can wait for the thread without blocking (stop(wait=False), then join only once
+on_exit has come).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,12 +40,14 @@ from fractions import Fraction
 import av
 from av.container import InputContainer
 from av.error import InvalidDataError
+from av.stream import Discard
 from av.video.codeccontext import VideoCodecContext
 
 from relay_server import settings
 from relay_server._fast import ChunkQueue, QueueAborted
 from relay_server.media.scaler import Scaler
 from relay_server.media.segmenter import AudioInfo
+from relay_server.media.tsvideo import AccessUnit, Damage, Program, SplitterStats, VideoSplitter
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +64,34 @@ READ_SIZE = 64 * 1024  # bytes per read from the queue: one subscriber chunk
 # frame 0's packet is complete at 28 / 28 / 93 KB, but the demuxer's H.264 parser finds the end of
 # an access unit only at the next one's PES start (frame 1's), which it is given when frame 2's
 # PES starts (37 / 45 / 121 KB); B-frames add the decoder's reorder delay. So the parser costs
-# one frame interval of latency throughout (measured end to end: frames left the decoder 68 ms
-# after their last byte came in, at 30 fps). "fflags=+noparse" turns it off: a video PES (one
+# one frame interval of latency throughout. "fflags=+noparse" turns it off: a video PES (one
 # access unit, as TS muxers write it) is a packet as soon as the next PES starts, one frame
-# sooner (frame k out at 33.8 KB instead of 43.2 KB at 512×512, 101 KB instead of 130 KB at
-# 720p), and the parser's CPU goes too. Audio still comes one packet per frame (the demuxer
+# sooner, and the parser's CPU goes too. Audio still comes one packet per frame (the demuxer
 # splits ADTS and TS-Opus framing itself); a PES of several AAC frames stays one packet, which a
 # TS muxer carries unchanged. What the parser also did, flag keyframes, _keyframe() does.
+# That still left a frame interval: muxers leave a video PES's length out (FFmpeg's
+# omit_video_pes_length=1), so libavformat knows a PES is complete only once the next one starts
+# (measured end to end: frames left the decoder 34 ms after their last byte came in, at 30 fps).
+# So H.264 is cut out by the VideoSplitter instead, which ends a PES at its stuffed last TS packet
+# (tsvideo.py), and libavformat is left the audio. Fed one TS packet at a time, frame k of the
+# clips above came out when the next PES had begun (frame 1 at 36.7 KB, its own PES ending at
+# 36.5 KB; 120.7 and 119.8 KB at 720p): now with its own last packet, at 36.5 and 119.8 KB, a frame
+# interval sooner live (1 frame in 60 of the 512×512 clip still waits: its last packet is full, so
+# there is nothing to stuff). B-frames keep the decoder's reorder delay (2.9 → 1.95 later PESs begun
+# on average when a frame comes out). The splitter costs 2.4–3.8 ms of CPU per MB (0.04 ms per 720p
+# frame at 3.5 Mbit/s).
 # A probe this short may miss the AAC parameters (they are in the audio packets, not in the PMT):
 # they are then learned from the first audio packet.
 PROBE_OPTIONS = {"probesize": "32", "fflags": "+noparse"}
 CORRUPT_BUDGET = 100
+# Bytes read looking for a PMT that names the video stream before the input goes to libavformat as
+# it is (the trickle segments each begin with PAT and PMT; FFmpeg repeats them every 0.1 s).
+PROGRAM_SEARCH = 1 << 20
+# How long (in the video's own time, 90 kHz) the first frames wait for the audio stream's parameters
+# when the input has audio for on_audio: an owner must add the audio stream to its output before
+# the first frame reaches it. The first audio packet comes with the first frames.
+AUDIO_WAIT = 45_000
+CLOCK = Fraction(1, 90_000)  # MPEG-TS timestamps
 
 
 class InputError(ValueError):
@@ -90,6 +121,8 @@ class DecoderStats:
     bytes_read: int = 0  # taken from the queue by the demuxer
     first_frame_time: float | None = None  # time.monotonic() when on_frame was first called
     decode_seconds: float = 0.0  # CPU time of the decode thread: demux, decode, scale, callbacks
+    # "split": H.264 access units cut out by the VideoSplitter; "libavformat": any other video.
+    video_demuxer: str | None = None
     codec: str | None = None  # the input's video codec, and the size of its frames before scaling
     width: int = 0
     height: int = 0
@@ -130,6 +163,7 @@ class Decoder:
         self.stats = DecoderStats()
         self.error: Exception | None = None  # why the decoder gave up, once it has
         self.audio_stream_info: AudioStreamInfo | None = None  # once the first audio packet is read
+        self.splitter_stats: SplitterStats | None = None  # the VideoSplitter's, written by the thread
         self._queue = queue
         self._scaler = scaler or Scaler()
         self._on_frame = on_frame
@@ -144,6 +178,9 @@ class Decoder:
         self._errors_in_row = 0  # corrupt packets and damaged frames since the last good frame
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._started = 0.0  # thread_time() when the thread began
+        self._codec: VideoCodecContext | None = None  # the decoder of the split video
+        self._held: list[AccessUnit] | None = None  # first access units waiting for the audio stream
 
     def start(self) -> None:
         if self._thread is not None or self._stopping:
@@ -179,14 +216,7 @@ class Decoder:
     def _run_once(self) -> None:
         try:
             try:
-                with av.open(
-                    _EndOnAbort(self._queue),
-                    mode="r",
-                    format="mpegts",
-                    buffer_size=READ_SIZE,
-                    container_options=PROBE_OPTIONS,
-                ) as container:
-                    self._decode(container)
+                self._decode_input()
             except Exception as exc:
                 if not self._queue.aborted and not isinstance(exc, QueueAborted):
                     raise
@@ -199,8 +229,83 @@ class Decoder:
         except Exception as exc:
             self._fail(exc)
 
+    def _decode_input(self) -> None:
+        self._started = time.thread_time()
+        splitter = VideoSplitter()
+        self.splitter_stats = splitter.stats
+        source = _Source(self._queue, splitter, self._split)
+        program = source.find_program(PROGRAM_SEARCH)
+        if program is not None and program.h264:
+            self._split_video(source, program)
+        else:  # no PMT, no video in it, or not H.264: libavformat demuxes it all, as it is
+            source.stop_splitting()
+            self.splitter_stats = None
+            self._demux(source, video=True)
+        source.check()  # what a callback raised inside libavformat's read
+        if self._stopping or self._queue.aborted:  # the demuxer took the aborted read for the end
+            raise QueueAborted("decoder stopped" if self._stopping else "ChunkQueue aborted")
+        if self._codec is not None:
+            self._release_held()  # the input ended before the audio stream was known
+            # The end: an empty packet drains the frames held back for reordering (unlike None,
+            # it gives them the stream's time_base).
+            drain = av.Packet()
+            drain.time_base = CLOCK
+            self._decode_video(self._codec, drain)
+        self.stats.bytes_read = self._queue.bytes_out
+        self.stats.decode_seconds = time.thread_time() - self._started
+
+    def _split_video(self, source: _Source, program: Program) -> None:
+        """H.264 from the splitter; audio, if the input has streams besides the video and someone
+        takes audio, from libavformat."""
+        codec = self._codec = av.CodecContext.create("h264", "r")
+        # Slice threads add no latency; frame threads would hold back one frame per thread.
+        codec.thread_type = "SLICE"
+        codec.thread_count = self._thread_count
+        self.stats.codec = codec.name
+        self.stats.video_demuxer = "split"
+        if self._on_audio is None or not program.others:
+            source.drain()  # reading the input decodes its video
+            return
+        self._held = []  # the first frames wait for the audio stream
+        self._demux(source, video=False)
+        source.drain()  # the rest of the input, should libavformat have stopped reading before its end
+
+    def _demux(self, source: _Source, *, video: bool) -> None:
+        """libavformat demuxes the input read through `source`: its audio, and its video if `video`."""
+        try:
+            container = av.open(
+                source, mode="r", format="mpegts", buffer_size=READ_SIZE, container_options=PROBE_OPTIONS
+            )
+        except Exception as exc:
+            source.check()  # the probe read an end of input that a callback's error made
+            if video or self._stopping or self._queue.aborted:
+                raise
+            log.warning("decoder %s: the input's audio cannot be demuxed: %s", self.name, exc)
+            self._release_held()  # the video goes on without it
+            return
+        with container:
+            source.check()
+            if video:
+                self._decode(container)
+                return
+            audio = container.streams.audio[0] if container.streams.audio else None
+            if audio is None:  # the other streams are not audio: libavformat has nothing to do
+                self._release_held()
+                source.drain()
+                return
+            for stream in container.streams:
+                if stream is not audio:
+                    stream.discard = Discard.all  # libavformat skips their PES altogether
+            for packet in self._packets(container, [audio]):
+                source.check()
+                if self._stopping:
+                    raise QueueAborted("decoder stopped")
+                self._audio(audio, packet)
+                self.stats.bytes_read = self._queue.bytes_out
+                self.stats.decode_seconds = time.thread_time() - self._started
+
     def _decode(self, container: InputContainer) -> None:
-        started = time.thread_time()
+        """Video (and audio) as libavformat demuxes them: video that is not H.264."""
         if not container.streams.video:
             raise InputError("no video stream in the input")
         video = container.streams.video[0]
@@ -209,6 +314,7 @@ class Decoder:
         codec.thread_type = "SLICE"
         codec.thread_count = self._thread_count
         self.stats.codec = codec.name
+        self.stats.video_demuxer = "libavformat"
         streams: list[av.VideoStream | av.AudioStream] = [video]
         audio = container.streams.audio[0] if self._on_audio is not None and container.streams.audio else None
         if audio is not None:
@@ -217,15 +323,11 @@ class Decoder:
             if self._stopping:  # stop() from a callback, or while the demuxer had bytes buffered
                 raise QueueAborted("decoder stopped")
             if packet.stream_index == video.index:
-                self.stats.packets += 1
-                if self._on_video_packet is not None:
-                    packet.is_keyframe = packet.is_keyframe or _keyframe(bytes(packet))
-                    self._on_video_packet(packet)
-                self._decode_video(codec, packet)
+                self._video_packet(codec, packet, None)
             elif audio is not None:
                 self._audio(audio, packet)
             self.stats.bytes_read = self._queue.bytes_out
-            self.stats.decode_seconds = time.thread_time() - started
+            self.stats.decode_seconds = time.thread_time() - self._started
         if self._queue.aborted:  # demux() took the aborted read for the end of the input
             raise QueueAborted("ChunkQueue aborted")
         # The end: an empty packet drains the frames held back for reordering (unlike None, it
@@ -234,13 +336,53 @@ class Decoder:
         assert video.time_base is not None  # a demuxer always sets it
         drain.time_base = video.time_base
         self._decode_video(codec, drain)
-        self.stats.decode_seconds = time.thread_time() - started
+
+    def _split(self, event: AccessUnit | Damage) -> None:
+        """What the splitter cut out, once libavformat has read the bytes before its end."""
+        if self._stopping:
+            raise QueueAborted("decoder stopped")
+        if isinstance(event, Damage):
+            self._corrupt(f"video PES dropped: {event.reason}")
+        elif self._held is not None:
+            held = self._held
+            held.append(event)
+            first, last = held[0], held[-1]
+            start = first.dts if first.dts is not None else first.pts
+            end = last.dts if last.dts is not None else last.pts
+            if len(held) > 64 or (start is not None and end is not None and end - start >= AUDIO_WAIT):
+                log.info("decoder %s: no audio stream parameters after %d video frames", self.name, len(held))
+                self._release_held()
+        else:
+            self._unit(event)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for unit in held or ():
+            self._unit(unit)
+
+    def _unit(self, unit: AccessUnit) -> None:
+        assert self._codec is not None
+        packet = av.Packet(unit.data)
+        packet.pts, packet.dts, packet.time_base = unit.pts, unit.dts, CLOCK
+        self._video_packet(self._codec, packet, unit)
+        self.stats.bytes_read = self._queue.bytes_out
+        self.stats.decode_seconds = time.thread_time() - self._started
+
+    def _video_packet(self, codec: VideoCodecContext, packet: av.Packet, unit: AccessUnit | None) -> None:
+        self.stats.packets += 1
+        if self._on_video_packet is not None:
+            if unit is not None:
+                packet.is_keyframe = unit.random_access or _keyframe(unit.data)
+            else:
+                packet.is_keyframe = packet.is_keyframe or _keyframe(bytes(packet))
+            self._on_video_packet(packet)
+        self._decode_video(codec, packet)
 
     def _decode_video(self, codec: VideoCodecContext, packet: av.Packet) -> None:
         try:
             frames = codec.decode(packet)
         except InvalidDataError as exc:
-            self._corrupt(exc)
+            self._corrupt(str(exc))
             return
         for frame in frames:
             self._deliver(frame)
@@ -259,7 +401,7 @@ class Decoder:
                 return
             except InvalidDataError as exc:
                 # The demuxer resynchronises on the next TS packet: read on.
-                self._corrupt(exc)
+                self._corrupt(str(exc))
 
     def _deliver(self, frame: av.VideoFrame) -> None:
         stats = self.stats
@@ -294,10 +436,12 @@ class Decoder:
                 self._on_audio_stream(AudioInfo(stream))
         self.stats.audio_packets += 1
         self._on_audio(packet)
+        if self._held is not None and self.audio_stream_info is not None:
+            self._release_held()  # the owner knows the audio stream: the video may begin
 
-    def _corrupt(self, exc: Exception) -> None:
+    def _corrupt(self, what: str) -> None:
         self.stats.corrupt_packets += 1
-        self._count_error(str(exc))
+        self._count_error(what)
 
     def _count_error(self, what: str) -> None:
         self._errors_in_row += 1
@@ -339,22 +483,105 @@ def _describe_audio(stream: av.AudioStream, packet: av.Packet) -> AudioStreamInf
     return AudioStreamInfo(context.name, sample_rate, channels, time_base, context.extradata)
 
 
-class _EndOnAbort:
-    """The ChunkQueue as the demuxer reads it: an aborted queue reads as the end of the input.
+class _Source:
+    """The input as the decode thread reads it: each chunk from the queue goes through the video
+    splitter, then on to libavformat (or nowhere, when nothing else needs demuxing).
 
-    An exception raised inside PyAV's read callback while av.open() probes is printed and dropped
-    ("PyAV library exception being dropped"); an end of input is not. The decoder then tells an
-    abort from a real end by asking the queue.
+    read() is libavformat's read callback. What the splitter completed goes to `on_event` once the
+    bytes before its end have been handed on: libavformat asks for more only once it has demuxed
+    (and the decoder delivered) every packet that ends before, so callbacks keep the input's order.
+    read() never raises: an exception raised inside PyAV's read callback while av.open() probes is
+    printed and dropped ("PyAV library exception being dropped"), an end of input is not. So an
+    aborted queue reads as the end (the decoder then asks the queue), and what `on_event` raises is
+    kept for check(), every later read returning the end.
     """
 
-    def __init__(self, queue: ChunkQueue) -> None:
+    def __init__(
+        self, queue: ChunkQueue, splitter: VideoSplitter, on_event: Callable[[AccessUnit | Damage], object]
+    ) -> None:
         self._queue = queue
+        self._splitter: VideoSplitter | None = splitter
+        self._on_event = on_event
+        self._chunks: deque[bytes] = deque()  # read from the queue, not yet handed on
+        self._head = 0  # bytes of _chunks[0] handed on
+        self._handed = 0  # input offset handed on
+        # Split out, waiting for the bytes before their end to be handed on.
+        self._events: deque[AccessUnit | Damage] = deque()
+        self._ended = False  # the queue has ended
+        self._closed = False  # read() ends the input: aborted, or on_event raised
+        self._error: Exception | None = None
+
+    def find_program(self, limit: int) -> Program | None:
+        """Read until the splitter has found the PMT (or `limit` bytes or the end); may raise QueueAborted."""
+        splitter = self._splitter
+        assert splitter is not None
+        searched = 0
+        while splitter.program is None and searched < limit and not self._ended:
+            searched += self._fill()
+        return splitter.program
+
+    def stop_splitting(self) -> None:
+        self._splitter = None
+        self._events.clear()
 
     def read(self, n: int = -1) -> bytes:
-        try:
-            return self._queue.read(n)
-        except QueueAborted:
+        if self._closed:
             return b""
+        try:
+            return self._read(n)
+        except QueueAborted:
+            pass
+        except Exception as exc:
+            self._error = exc
+        self._closed = True
+        return b""
+
+    def drain(self) -> None:
+        """Read to the end of the input with nobody taking the bytes."""
+        while self.read():
+            pass
+
+    def check(self) -> None:
+        """Raise what on_event raised, if it did."""
+        if self._error is not None:
+            raise self._error
+
+    def _read(self, n: int) -> bytes:
+        events = self._events
+        while True:
+            while events and events[0].end <= self._handed:
+                self._on_event(events.popleft())
+            if self._chunks:
+                chunk = self._chunks[0]
+                start = self._head
+                count = len(chunk) - start
+                if 0 < n < count:
+                    count = n
+                if events and events[0].end - self._handed < count:
+                    count = events[0].end - self._handed  # up to the next unit's end, then deliver it
+                self._handed += count
+                if start + count == len(chunk):
+                    self._chunks.popleft()
+                    self._head = 0
+                    return chunk if start == 0 else chunk[start:]
+                self._head = start + count
+                return chunk[start : start + count]
+            if self._ended:
+                return b""
+            self._fill()
+
+    def _fill(self) -> int:
+        chunk = self._queue.read()
+        splitter = self._splitter
+        if not chunk:
+            self._ended = True
+            if splitter is not None:
+                self._events.extend(splitter.end())
+            return 0
+        if splitter is not None:
+            self._events.extend(splitter.feed(chunk))
+        self._chunks.append(chunk)
+        return len(chunk)
 
 
 # An H.264 access unit starts an IDR picture when it holds a NAL unit of type 5 (the low five

@@ -6,8 +6,10 @@ import asyncio
 import io
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import av
@@ -27,6 +29,7 @@ from tests.media.clips import (
     chunks,
     make_clip,
     memory_subscriber,
+    pattern,
     publish_segments,
     read_index,
     take,
@@ -173,6 +176,8 @@ async def test_every_frame_decodes_with_its_pts(trickle_server: TrickleServer, s
     assert stats.corrupt_packets == stats.damaged_frames == 0
     assert stats.bytes_read == len(clip.data)
     assert (stats.codec, stats.width, stats.height) == ("h264", spec.width, spec.height)
+    assert stats.video_demuxer == "split"  # H.264: access units cut out by the VideoSplitter
+    assert decoder.splitter_stats is not None and decoder.splitter_stats.units == spec.frames
     assert (stats.reorder_depth > 0) == (spec.b_frames > 0)
     assert stats.first_frame_time is not None and stats.decode_seconds > 0
     if not spec.variable_fps:
@@ -501,3 +506,238 @@ async def test_audio_stream_comes_before_its_packets_ready_to_mux(spec: ClipSpec
     with av.open(io.BytesIO(buffer.getvalue()), format="mpegts") as container:
         decoded = list(container.decode(audio=0))
     assert decoded and {(f.sample_rate, f.layout.name) for f in decoded} == {(48_000, "stereo")}
+
+
+# -- frames as soon as their access unit is in ------------------------------------------------------
+
+
+def video_pes_ends(data: bytes, pid: int) -> list[tuple[int, int, int]]:
+    """(offset of the first TS packet, offset past the last, pts) of each PES on `pid`, in order."""
+    found: list[tuple[int, int, int]] = []
+    first = last = pts = -1
+    for at in range(0, len(data) - TS_PACKET + 1, TS_PACKET):
+        if (data[at + 1] & 0x1F) << 8 | data[at + 2] != pid:
+            continue
+        if data[at + 1] & 0x40:
+            if first >= 0:
+                found.append((first, last + TS_PACKET, pts))
+            first = at
+            header = at + 4 + (data[at + 4] + 1 if data[at + 3] & 0x20 else 0)
+            h = data[header + 9 : header + 14]
+            pts = (h[0] >> 1 & 7) << 30 | h[1] << 22 | (h[2] >> 1) << 15 | h[3] << 7 | h[4] >> 1
+        last = at
+    found.append((first, last + TS_PACKET, pts))
+    return found
+
+
+def feed_stepwise(data: bytes, step: int, **kwargs: Any) -> tuple[dict[int, int], Decoder]:
+    """Feed `data` `step` bytes at a time, each taken and processed before the next: the bytes fed
+    when each frame (by pts) came out."""
+    queue = ChunkQueue(1 << 24)
+    fed = 0
+    out: dict[int, int] = {}
+    done = threading.Event()
+
+    def on_frame(frame: av.VideoFrame) -> None:
+        assert frame.pts is not None
+        out[frame.pts] = fed
+
+    decoder = Decoder(queue, on_frame, thread_count=1, on_exit=done.set, **kwargs)
+    decoder.start()
+    try:
+        for offset in range(0, len(data), step):
+            queue.put(data[offset : offset + step])
+            fed = min(offset + step, len(data))
+            deadline = time.monotonic() + TIMEOUT
+            while not (queue.size == 0 and queue.waiting):  # the thread has done all it could
+                assert time.monotonic() < deadline
+                time.sleep(0.0001)
+        queue.close()
+        assert done.wait(TIMEOUT)
+    finally:
+        decoder.stop()
+    return out, decoder
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ClipSpec(512, 512, fps=30, frames=30, gop=15),
+        ClipSpec(1280, 720, fps=30, frames=20, gop=10, audio="aac"),
+    ],
+    ids=describe,
+)
+def test_each_frame_leaves_with_the_ts_packet_that_completes_it(spec: ClipSpec) -> None:
+    """Fed one TS packet at a time: frame k is out before a byte of frame k + 1's PES is in (it was
+    a frame interval later through libavformat, which waits for the next PES to start)."""
+    data = make_clip(spec).data
+    out, decoder = feed_stepwise(data, TS_PACKET, on_audio=lambda packet: None)
+    assert decoder.error is None and decoder.stats.video_demuxer == "split"
+    video = video_pes_ends(data, VIDEO_PID)
+    audio = video_pes_ends(data, VIDEO_PID + 1) if spec.audio else []
+    assert sorted(out) == [pts for _, _, pts in video]
+    for index, (_, end, pts) in enumerate(video):
+        if index == 0 and audio:
+            # The first frame waits for the audio stream's parameters: the first audio packet.
+            end = max(end, audio[0][1])
+        following = video[index + 1][0] + TS_PACKET if index + 1 < len(video) else len(data)
+        # At its own end; at the next PES's first packet only for a PES whose last packet is full.
+        assert out[pts] in (end, following), f"frame {index}"
+    late = sum(out[pts] != end for _, end, pts in video[1:])
+    assert late <= 1
+
+
+async def test_audio_and_video_come_in_input_order() -> None:
+    """Big chunks: a frame whose last byte follows an audio packet's comes after it, although the
+    splitter saw the whole chunk first. And the audio stream comes before the first frame."""
+    spec = ClipSpec(1280, 720, fps=30, frames=30, gop=15, audio="aac")
+    clip = make_clip(spec)
+    ends = {("video", pts): end for _, end, pts in video_pes_ends(clip.data, VIDEO_PID)}
+    ends |= {("audio", pts): end for _, end, pts in video_pes_ends(clip.data, VIDEO_PID + 1)}
+    events: list[tuple[str, int]] = []
+    sink = PacketSink()
+
+    def on_video_packet(packet: av.Packet) -> None:
+        assert packet.pts is not None and packet.time_base == CLOCK
+        events.append(("video", packet.pts))
+
+    def on_audio(packet: av.Packet) -> None:
+        sink.on_audio(packet)
+        assert packet.pts is not None
+        events.append(("audio", packet.pts))
+
+    def on_audio_stream(info: AudioInfo) -> None:
+        events.append(("stream", 0))
+
+    await through_memory(
+        list(clip.segments),
+        sink,
+        on_video_packet=on_video_packet,
+        on_audio=on_audio,
+        on_audio_stream=on_audio_stream,
+    )
+    assert sink.ended and sink.pts == list(clip.video_pts)
+    # The first frame waited for the audio stream: it comes first, before any packet.
+    assert events[0] == ("stream", 0) and ("stream", 0) not in events[1:]
+    packets = events[1:]
+    first_audio = next(event for event in packets if event[0] == "audio")
+    held = [event for event in packets if event[0] == "video" and ends[event] < ends[first_audio]]
+    assert packets[: len(held) + 1] == [first_audio, *held]
+    # From then on, each packet when its last byte is in: input order.
+    rest = [ends[event] for event in packets[len(held) + 1 :]]
+    assert rest == sorted(rest) and len(rest) == len(ends) - len(held) - 1
+
+
+def without_pid(data: bytes, pid: int) -> bytes:
+    return b"".join(
+        data[at : at + TS_PACKET]
+        for at in range(0, len(data), TS_PACKET)
+        if (data[at + 1] & 0x1F) << 8 | data[at + 2] != pid
+    )
+
+
+async def test_audio_listed_but_never_sent_holds_the_first_frames_briefly() -> None:
+    spec = ClipSpec(512, 512, fps=30, frames=45, gop=15, audio="aac")
+    clip = make_clip(spec)
+    silent = [without_pid(segment, VIDEO_PID + 1) for segment in clip.segments]
+    sink = Sink()
+    decoder = await through_memory(silent, sink)
+    assert sink.ended and sink.pts == list(clip.video_pts) and not sink.audio_pts
+    assert decoder.audio_stream_info is None
+
+
+@pytest.mark.parametrize("audio", ["none in the input", "nobody takes it"])
+async def test_video_alone_needs_no_libavformat(audio: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ClipSpec(
+        512, 512, fps=30, frames=30, gop=15, audio=None if audio == "none in the input" else "aac"
+    )
+    clip = make_clip(spec)
+
+    def no_open(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("libavformat opened")
+
+    monkeypatch.setattr(av, "open", no_open)
+    sink = Sink()
+    decoder = await through_memory(list(clip.segments), sink, on_audio=None)
+    assert sink.ended and decoder.error is None
+    assert sink.pts == list(clip.video_pts) and [clip.video_pts[f.index] for f in sink.frames] == sink.pts
+    assert decoder.stats.bytes_read == len(clip.data) and decoder.stats.decode_seconds > 0
+
+
+def mpeg2_clip(frames: int = 20) -> tuple[bytes, list[int]]:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as muxer:
+        stream = muxer.add_stream("mpeg2video", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 30)
+        for index in range(frames):
+            frame = pattern(256, 256, index)
+            frame.pts = index
+            muxer.mux(stream.encode(frame))
+        muxer.mux(stream.encode(None))
+    with av.open(io.BytesIO(buffer.getvalue()), format="mpegts") as container:
+        pts = sorted(frame.pts for frame in container.decode(video=0))
+    return buffer.getvalue(), pts
+
+
+async def test_other_video_codecs_go_through_libavformat() -> None:
+    data, pts = mpeg2_clip()
+    sink = Sink()
+    decoder = await through_memory([data], sink)
+    assert sink.ended and decoder.error is None
+    assert sink.pts == pts and [frame.index for frame in sink.frames] == list(range(len(pts)))
+    assert (decoder.stats.video_demuxer, decoder.stats.codec) == ("libavformat", "mpeg2video")
+    assert decoder.splitter_stats is None
+
+
+async def test_a_lost_ts_packet_drops_its_frame_and_is_counted() -> None:
+    spec = ClipSpec(512, 512, fps=30, frames=60, gop=15, audio="aac")
+    clip = make_clip(spec)
+    segments = list(clip.segments)
+    video = video_pes_ends(segments[1], VIDEO_PID)
+    first, end, lost_pts = video[5]
+    assert end - first > 4 * TS_PACKET
+    middle = first + 2 * TS_PACKET
+    while (segments[1][middle + 1] & 0x1F) << 8 | segments[1][middle + 2] != VIDEO_PID:
+        middle += TS_PACKET
+    segments[1] = segments[1][:middle] + segments[1][middle + TS_PACKET :]
+    sink = Sink()
+    decoder = await through_memory(segments, sink)
+    assert sink.ended and decoder.error is None
+    shown = {frame.pts: frame.index for frame in sink.frames}
+    assert lost_pts not in shown
+    assert lost_pts == clip.video_pts[20]
+    # Frames 21-29 refer to it (damaged or not, as the decoder conceals); the rest are intact.
+    for index in [*range(20), *range(30, 60)]:
+        assert shown.get(clip.video_pts[index]) == index, f"frame {index}"
+    assert decoder.stats.corrupt_packets >= 1
+    assert decoder.splitter_stats is not None and decoder.splitter_stats.damaged == 1
+
+
+@pytest.mark.parametrize("audio", [None, "aac"])
+async def test_an_error_in_a_callback_inside_the_demuxer_is_the_decoders_error(
+    audio: str | None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """on_frame runs inside libavformat's read callback now: what it raises still ends the run."""
+    clip = make_clip(ClipSpec(512, 512, fps=30, frames=30, gop=15, audio=audio))  # type: ignore[arg-type]
+    sink = Sink()
+    boom = RuntimeError("boom")
+
+    def on_frame(frame: av.VideoFrame) -> None:
+        sink.on_frame(frame)
+        if len(sink.frames) == 3:
+            raise boom
+
+    queue = ChunkQueue(QUEUE_BYTES)
+    decoder = Decoder(
+        queue, on_frame, on_audio=sink.on_audio, on_end=sink.on_end, on_error=sink.on_error, thread_count=1
+    )
+    decoder.start()
+    try:
+        await asyncio.wait_for(feed(memory_subscriber(clip.segments), queue), TIMEOUT)
+        await asyncio.wait_for(sink.done.wait(), TIMEOUT)
+    finally:
+        decoder.stop()
+    assert decoder.error is boom and sink.error is boom and not sink.ended
+    assert len(sink.frames) == 3
+    assert "exception being dropped" not in capfd.readouterr().err
