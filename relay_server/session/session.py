@@ -35,6 +35,7 @@ from relay_server.session.messages import MessageChannel
 from relay_server.session.relay import Relay, RelayStats
 from relay_server.trickle.errors import TrickleError
 from relay_server.trickle.publisher import Publisher
+from relay_server.webrtc.control import ControlError
 from relay_server.webrtc.link import LinkSettings, LinkState
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Session:
         link_settings = replace(
             link or LinkSettings(), offer_timeout=config.offer_timeout, max_fps=config.max_fps
         )
-        self.relay = Relay(
+        self._relay: Relay | None = Relay(
             config.subscribe_url,
             self._output,
             config.processor_url,
@@ -119,6 +120,16 @@ class Session:
         self._data = MessageChannel(config.data_url) if config.data_url else None
         self._samples: deque[tuple[float, tuple[int, ...]]] = deque(maxlen=RATE_SAMPLES)
         self._task: asyncio.Task[None] | None = None
+        # Once ended, a session is only its final snapshot: the media path (codec contexts,
+        # frame pools, the peer connection: ~12 MB) is let go while the manager keeps the
+        # session readable.
+        self._final: SessionSnapshot | None = None
+
+    @property
+    def relay(self) -> Relay:
+        if self._relay is None:
+            raise RuntimeError(f"session {self.config.session_id} has ended: its media path is released")
+        return self._relay
 
     @property
     def done(self) -> bool:
@@ -137,7 +148,8 @@ class Session:
         try:
             if not self.state.ended and self.state is not SessionState.STOPPING:
                 self._set_state(SessionState.STOPPING, reason)
-            await self.relay.stop()
+            if self._relay is not None:
+                await self._relay.stop()
             if self._task is not None:
                 await asyncio.wait([self._task])
         finally:
@@ -145,11 +157,15 @@ class Session:
 
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """A request on the processor's control channel, and its reply (see ProcessorLink)."""
-        reply = await self.relay.link.control(request)
+        if self._relay is None:
+            raise ControlError(f"session {self.config.session_id} has ended")
+        reply = await self._relay.link.control(request)
         self._bump()  # prompts may have changed
         return reply
 
     def snapshot(self) -> SessionSnapshot:
+        if self._final is not None:
+            return self._final
         stats = self.relay.stats
         return SessionSnapshot(
             config=replace(self.config, prompts=tuple(self.relay.link.prompts or ())),
@@ -214,6 +230,8 @@ class Session:
             for channel in (self._events, self._data):
                 if channel is not None:
                     await channel.close()
+            self._final = self.snapshot()
+            self._relay = None
 
     async def _heartbeat(self) -> None:
         assert self._events is not None
