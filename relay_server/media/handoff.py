@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import av
 
@@ -27,11 +28,19 @@ class LatestFrame:
 
     put() is called on the decode thread; next(), end() and close() on one event loop.
     The frame next() returns stays valid until the following next() or close().
+
+    With `wait=True` nothing is dropped: put() waits (on the decode thread) while a frame is
+    still waiting for the consumer, so decoding goes at the consumer's pace. That is for catch-up
+    (a sender that does not pace by media time): decoding frames only to replace them would
+    spend the CPU the sender needs. release() ends such waits for good.
     """
 
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, *, wait: bool = False) -> None:
         self.width = width
         self.height = height
+        self.wait = wait
+        self._room = threading.Condition()  # wait=True: the consumer took the waiting frame
+        self._released = False
         self._slot: FrameSlot[av.VideoFrame] = FrameSlot(self._new_buffer, BUFFERS)
         self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's, from its first next()
         self._ready = asyncio.Event()
@@ -68,6 +77,11 @@ class LatestFrame:
 
     def put(self, frame: av.VideoFrame) -> None:
         """On the decode thread: make `frame` (its pixels, pts and time base) the newest."""
+        if self.wait:
+            with self._room:
+                self._room.wait_for(lambda: not self.pending or self._released)
+                if self._released:
+                    return
         if (frame.format.name, frame.width, frame.height) != ("yuv420p", self.width, self.height):
             frame = frame.reformat(self.width, self.height, "yuv420p")
             self.reformatted += 1
@@ -107,7 +121,16 @@ class LatestFrame:
         if self._current is not None:
             self._slot.release(self._current)
         self._current = fresh
+        if self.wait:
+            with self._room:
+                self._room.notify()
         return fresh, True
+
+    def release(self) -> None:
+        """Any thread: put() returns at once from now on (nobody takes frames any more)."""
+        with self._room:
+            self._released = True
+            self._room.notify_all()
 
     def close(self) -> None:
         """Give the current frame back; the hand-off can be used again afterwards."""

@@ -127,6 +127,10 @@ class Relay:
         if width <= 0 or height <= 0:
             raise ValueError(f"the session size must be positive, got {width}x{height}")
         encoding = encoder or EncoderSettings()
+        # Paced by media time, hand-offs keep the newest frame (latency over completeness). Not
+        # paced (catch-up), every frame goes through: decoding waits for the sender, and the
+        # returned frames wait for the encoder (the processor holds at most max_in_flight).
+        catch_up = link is not None and not link.pace
         self.name = name
         self.fill = fill
         self.fill_after = fill_after
@@ -136,10 +140,10 @@ class Relay:
         self._pipeline = OutputPipeline(
             self._publisher,
             encoding.encoder(width, height),
-            policy=Policy.LATEST,
+            policy=Policy.BLOCK if catch_up else Policy.LATEST,
             drop_audio=drop_audio,
         )
-        self._frames = LatestFrame(width, height)
+        self._frames = LatestFrame(width, height, wait=catch_up)
         self._input = MediaInput(
             source,
             on_frame=self._frames.put,
@@ -255,6 +259,7 @@ class Relay:
     ) -> None:
         """However run() ends: every thread joined, every task awaited, then the root cause raised."""
         try:
+            self._frames.release()  # a decode thread waiting to hand a frame over goes on
             await source.stop()
             await link.stop()
             if linking is not None:

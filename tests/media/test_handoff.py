@@ -152,3 +152,33 @@ async def test_end_returns_none_once_the_frames_left_are_taken() -> None:
     taken = await frames.next(0.02)
     assert taken is not None and taken[0].pts == 1
     assert await frames.next(0.02) is None
+
+
+async def test_waiting_hand_off_loses_nothing_and_release_frees_the_producer() -> None:
+    frames = LatestFrame(64, 64, wait=True)
+    count = 200
+    produced = threading.Event()
+
+    def produce() -> None:
+        for index in range(count):
+            frames.put(solid(index % 200, pts=index))
+        produced.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    seen = []
+    for _ in range(count):
+        taken = await frames.next(5.0)
+        assert taken is not None and taken[1]
+        seen.append(taken[0].pts)
+    assert seen == list(range(count)) and frames.dropped == 0
+    producer.join(5)
+    # A producer waiting to hand a frame over is let go by release(), without the consumer.
+    frames.put(solid(1, pts=1))
+    blocked = threading.Thread(target=frames.put, args=(solid(2, pts=2),))
+    blocked.start()
+    blocked.join(0.05)
+    assert blocked.is_alive()  # it waits for the consumer
+    frames.release()
+    blocked.join(5)
+    assert not blocked.is_alive()

@@ -21,7 +21,7 @@ import pytest
 
 from relay_server.backoff import Backoff
 from relay_server.media.testsource import publish_pattern
-from relay_server.processor import ProcessorServer
+from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.relay import FillMode, Relay
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
@@ -239,3 +239,24 @@ async def test_the_inputs_audio_is_carried_in_sync_with_the_returned_video(
     audio_offset = audio_out[0] - audio_in[skipped]
     # Audio lands where its video does: within a frame interval (3000 ticks at 30 fps).
     assert abs(audio_offset - float(np.median(video_offsets))) < 3000
+
+
+async def test_catch_up_without_pacing_sends_every_frame_of_a_burst(
+    trickle_server: TrickleServer,
+) -> None:
+    clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=90, gop=30))
+    catch_up = LinkSettings(pace=False)
+    # A processor that queues its input, as ComfyStream does (the embedded one otherwise keeps
+    # only the newest frame when several arrive at once).
+    fifo = ProcessorServer(knobs=Knobs(queue=16))
+    async with fifo as processor, session(trickle_server, processor.url, link=catch_up) as s:
+        for data in clip.segments:  # as fast as the network takes it: an input that is behind
+            async with await s.source.segment() as segment:
+                await segment.write(data)
+        await s.source.close()
+    stats = s.relay.stats
+    indices = [read_index(frame) for frame in s.output.frames()]
+    # Nothing decoded in vain: decoding waited for the sender, and every frame went through
+    # (but the last, which the processor's jitter buffer may keep).
+    assert stats.frames_decoded == 90 and stats.drops["input_replaced"] == stats.drops["output_replaced"] == 0
+    assert indices == list(range(len(indices))) and len(indices) >= 89
