@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["trickle", "fast", "media", "webrtc", "startup", "e2e"]
+BENCHMARKS = ["trickle", "fast", "media", "webrtc", "startup", "e2e", "capacity", "catchup", "memory"]
 
 
 def main() -> int:

@@ -1,0 +1,126 @@
+"""The capacity, memory and catch-up benchmarks' own arithmetic: per-session figures, RSS drift,
+settling, and the catch-up publisher's flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import av
+import pytest
+
+from bench.capacity import FIGURES, aggregate, session_figures, settle
+from bench.catchup import AHEAD, Publishing, _publish, decoder_waits, encode_input
+from bench.memory import drift
+from relay_server.media.handoff import LatestFrame
+from relay_server.trickle import Publisher, Subscriber
+from relay_server.trickle.server import TrickleServer
+
+
+def test_session_figures_count_fresh_frames_in_the_window() -> None:
+    published = [(index, index / 30) for index in range(60)]  # 2 s at 30 fps
+    # Every frame 80 ms later; 10 is lost, 20 comes twice (a repeat), one unreadable frame.
+    received: list[tuple[int | None, float]] = []
+    for index in range(60):
+        if index == 10:
+            continue
+        received += [(index, index / 30 + 0.08)] * (2 if index == 20 else 1)
+    received.append((None, 1.5))
+    figures = session_figures(published, received, 0.0, 1.0)
+    # Fresh frames first seen in [0, 1): indices 0..27 arrive by 1.0 s (27/30 + 0.08 < 1), less 10.
+    assert figures["output fps"] == pytest.approx(27)
+    assert figures["output frames/s, repeats included"] == pytest.approx(28)
+    assert figures["published"] == 30 and figures["lost"] == 1 and figures["repeated"] == 1
+    assert figures["p50 ms"] == pytest.approx(80) and figures["p99 ms"] == pytest.approx(80)
+
+
+def test_a_count_holds_only_if_every_window_held() -> None:
+    window = dict.fromkeys(FIGURES, 1.0)
+    runs = [{**window, "holds": True}, {**window, "fps min": 3.0, "holds": False}, {"error": "no frame"}]
+    result = aggregate(4, runs)
+    assert (result["held"], result["holds"], result["errors"]) == (1, False, ["no frame"])
+    assert result["fps min"] == 2.0  # the median of the windows measured
+    assert aggregate(2, runs[:1])["holds"]
+
+
+def test_drift_compares_the_second_tenth_with_the_last() -> None:
+    # 60 samples over 600 s: flat at 100 MB for the second tenth, 103 MB over the last tenth.
+    samples = [(at * 10.0, 100_000_000 if at < 54 else 103_000_000) for at in range(61)]
+    figures = drift(samples, 600.0)
+    assert figures["early samples"] == 6 and figures["late samples"] == 7
+    assert figures["drift %"] == pytest.approx(3.0)
+    assert figures["slope bytes/min"] > 0
+
+
+def test_drift_of_a_steady_rss_is_zero() -> None:
+    figures = drift([(at * 1.0, 50_000_000) for at in range(61)], 60.0)
+    assert figures["drift %"] == 0 and figures["slope bytes/min"] == 0
+
+
+async def test_settle_waits_until_every_relay_returns_at_rate() -> None:
+    started = asyncio.get_running_loop().time()
+
+    class Relay:
+        def __init__(self, fps: float, after: float) -> None:
+            self.fps, self.after = fps, after
+
+        @property
+        def stats(self) -> SimpleNamespace:
+            now = asyncio.get_running_loop().time() - started
+            return SimpleNamespace(frames_returned=int(self.fps * max(0.0, now - self.after)))
+
+    settled = await settle([Relay(30, 0.0), Relay(30, 0.5)], within=5.0)
+    assert 1.4 <= settled - started <= 2.5  # the slower one, a second after it started
+
+
+async def test_publisher_stays_within_reach_of_a_slow_reader(trickle_server: TrickleServer) -> None:
+    segments = [[f"segment {seq} part {part}".encode() for part in range(3)] for seq in range(9)]
+    url = trickle_server.channel_url("input")
+    publisher = Publisher(url)
+    await publisher.create_channel()
+    state = Publishing()
+    publishing = asyncio.create_task(_publish(trickle_server, publisher, "input", segments, state))
+    seen: list[bytes] = []
+    ahead: list[int] = []
+    async with Subscriber(url) as subscriber:  # the segment in progress, as the relay reads
+        async for segment in subscriber:
+            seen.append(b"".join([chunk async for chunk in segment]))
+            ahead.append(state.published - len(seen))
+            await asyncio.sleep(0.05)  # a slow reader: the ring holds 5 segments
+    await asyncio.wait_for(publishing, 5)
+    assert seen == [b"".join(parts) for parts in segments]  # every segment, none skipped
+    assert max(ahead) <= AHEAD + 1
+
+
+def test_encode_input_cuts_a_segment_per_gop() -> None:
+    segments = encode_input(65)  # 1 s GOPs at 30 fps: 30 + 30 + 5 frames
+    assert len(segments) == 3
+    # At least a write per frame (an IDR may take several), each segment whole TS packets.
+    assert all(len(segment) >= frames for segment, frames in zip(segments, (30, 30, 5), strict=True))
+    for segment in segments:
+        data = b"".join(segment)
+        assert len(data) % 188 == 0 and data[::188] == b"\x47" * (len(data) // 188)
+
+
+async def test_decoder_waits_for_the_sender_and_is_undone() -> None:
+    frames = LatestFrame(16, 16)
+    original = LatestFrame.put
+    with decoder_waits():
+        picture = av.VideoFrame(16, 16, "yuv420p")
+        frames.put(picture)
+        done = threading.Event()
+
+        def second() -> None:  # waits: the first frame has not been taken
+            frames.put(picture)
+            done.set()
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not done.wait(0.2)
+        taken = await frames.next(0.5)
+        assert taken is not None
+        assert await asyncio.to_thread(done.wait, 1.0)
+        thread.join()
+        assert frames.dropped == 0
+    assert LatestFrame.put is original
