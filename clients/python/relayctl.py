@@ -43,6 +43,11 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0  # seconds, for every RPC but WatchSession
 SCALE_MODES = {"letterbox": pb.SCALE_MODE_LETTERBOX, "crop": pb.SCALE_MODE_CROP}
 FILLS = {"repeat": pb.OUTPUT_FILL_REPEAT, "hold": pb.OUTPUT_FILL_HOLD}
+MODES = {
+    "transcode": pb.SESSION_MODE_TRANSCODE,
+    "passthrough": pb.SESSION_MODE_PASSTHROUGH,
+    "auto": pb.SESSION_MODE_AUTO,
+}
 ENDED = {pb.SESSION_STATE_STOPPED, pb.SESSION_STATE_FAILED}
 
 
@@ -88,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--gop", type=float, metavar="S", help="seconds between output keyframes (default 2)")
     start.add_argument("--scale-mode", choices=sorted(SCALE_MODES), help="fit to the processor size")
     start.add_argument("--fill", choices=sorted(FILLS), help="output while no processed frame returns")
+    start.add_argument("--mode", choices=sorted(MODES), help="transcode (default), or forward H.264 as it is")
     start.add_argument("--allow-shared-processor", action="store_true", help="share the processor URL")
     start.add_argument("--offer-timeout", type=float, metavar="S", help="processor answer deadline (60 s)")
 
@@ -181,6 +187,8 @@ def start_request(args: argparse.Namespace) -> pb.StartSessionRequest:
         request.output_fill = FILLS[args.fill]
     if args.offer_timeout is not None:
         request.offer_timeout.CopyFrom(seconds(args.offer_timeout))
+    if args.mode is not None:
+        request.mode = MODES[args.mode]
     return request
 
 
@@ -352,6 +360,8 @@ def watch_block(session: pb.Session, server: str) -> str:
         f"webrtc  {stats.webrtc_state or '-'}   reconnects {stats.reconnects}"
         f"   fast path {stats.fast_path or '-'}",
         f"latency p50 {millis(latency.p50)}   p95 {millis(latency.p95)}   p99 {millis(latency.p99)}",
+        f"paths   in {stats.send_path or '-'} ({stats.send_path_reason or '-'})"
+        f"   out {stats.output_path or '-'} ({stats.output_path_reason or '-'})",
         "",
     ]
     fps = (stats.decoded_fps, stats.sent_fps, stats.returned_fps, stats.encoded_fps)

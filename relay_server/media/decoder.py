@@ -14,8 +14,9 @@ completed is decoded when libavformat asks for the bytes after it, so that the c
 come in input order (an audio packet before a frame whose last byte came after it). Input without
 audio, or whose audio nobody takes, skips libavformat altogether.
 
-Callbacks run on the decode thread, in this order per packet: on_video_packet, then on_frame for
-each frame the packet completed (or on_audio for an audio packet). on_audio_stream comes once,
+Callbacks run on the decode thread, in this order per packet: on_video_packet (which may take the
+packet as it is, returning True: it is then not decoded), then on_frame for each frame the packet
+completed (or on_audio for an audio packet). on_audio_stream comes once,
 before the first on_audio of a packet whose stream parameters are known, with an AudioInfo a
 muxer can carry the packets with (built here: it must be made on the thread that owns the
 demuxer); when the input has audio for on_audio, the first frames wait for it (at most
@@ -29,7 +30,6 @@ on_exit has come).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -45,6 +45,7 @@ from av.video.codeccontext import VideoCodecContext
 
 from relay_server import settings
 from relay_server._fast import ChunkQueue, QueueAborted
+from relay_server.media.h264 import is_idr
 from relay_server.media.scaler import Scaler
 from relay_server.media.segmenter import AudioInfo
 from relay_server.media.tsvideo import AccessUnit, Damage, Program, SplitterStats, VideoSplitter
@@ -68,7 +69,7 @@ READ_SIZE = 64 * 1024  # bytes per read from the queue: one subscriber chunk
 # access unit, as TS muxers write it) is a packet as soon as the next PES starts, one frame
 # sooner, and the parser's CPU goes too. Audio still comes one packet per frame (the demuxer
 # splits ADTS and TS-Opus framing itself); a PES of several AAC frames stays one packet, which a
-# TS muxer carries unchanged. What the parser also did, flag keyframes, _keyframe() does.
+# TS muxer carries unchanged. What the parser also did, flag keyframes, h264.is_idr() does.
 # That still left a frame interval: muxers leave a video PES's length out (FFmpeg's
 # omit_video_pes_length=1), so libavformat knows a PES is complete only once the next one starts
 # (measured end to end: frames left the decoder 34 ms after their last byte came in, at 30 fps).
@@ -115,6 +116,7 @@ class DecoderStats:
 
     packets: int = 0  # video packets demuxed
     frames: int = 0  # frames delivered to on_frame
+    forwarded: int = 0  # video packets on_video_packet took as they are, not decoded
     corrupt_packets: int = 0  # reads and video packets rejected as invalid data
     damaged_frames: int = 0  # frames delivered with decoding errors concealed
     audio_packets: int = 0  # audio packets delivered to on_audio
@@ -151,7 +153,7 @@ class Decoder:
         scaler: Scaler | None = None,
         on_audio: Callable[[av.Packet], object] | None = None,
         on_audio_stream: Callable[[AudioInfo], object] | None = None,
-        on_video_packet: Callable[[av.Packet], object] | None = None,
+        on_video_packet: Callable[[av.Packet], bool] | None = None,
         on_end: Callable[[], object] | None = None,
         on_error: Callable[[Exception], object] | None = None,
         on_exit: Callable[[], object] | None = None,
@@ -372,10 +374,12 @@ class Decoder:
         self.stats.packets += 1
         if self._on_video_packet is not None:
             if unit is not None:
-                packet.is_keyframe = unit.random_access or _keyframe(unit.data)
+                packet.is_keyframe = unit.random_access or is_idr(unit.data)
             else:
-                packet.is_keyframe = packet.is_keyframe or _keyframe(bytes(packet))
-            self._on_video_packet(packet)
+                packet.is_keyframe = packet.is_keyframe or is_idr(bytes(packet))
+            if self._on_video_packet(packet):
+                self.stats.forwarded += 1
+                return  # taken as it is (zero-transcode): not decoded
         self._decode_video(codec, packet)
 
     def _decode_video(self, codec: VideoCodecContext, packet: av.Packet) -> None:
@@ -582,12 +586,3 @@ class _Source:
             self._events.extend(splitter.feed(chunk))
         self._chunks.append(chunk)
         return len(chunk)
-
-
-# An H.264 access unit starts an IDR picture when it holds a NAL unit of type 5 (the low five
-# bits of the byte after a start code).
-_IDR = re.compile(rb"\x00\x00\x01[\x05\x25\x45\x65]")
-
-
-def _keyframe(access_unit: bytes) -> bool:
-    return _IDR.search(access_unit) is not None

@@ -51,7 +51,7 @@ class MediaInput:
         mode: ScaleMode = ScaleMode.LETTERBOX,
         on_audio: Callable[[av.Packet], object] | None = None,
         on_audio_stream: Callable[[AudioInfo], object] | None = None,
-        on_video_packet: Callable[[av.Packet], object] | None = None,
+        on_video_packet: Callable[[av.Packet], bool] | None = None,
         buffer_size: int | None = None,
         name: str = "input",
     ) -> None:

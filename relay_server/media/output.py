@@ -3,12 +3,18 @@
     pipeline = OutputPipeline(publisher, VideoEncoder(width, height))
     pipeline.start()
     await pipeline.submit(frame, pts90k)          # as frames come back from the processor
+    await pipeline.submit_packet(packet, pts90k)  # or its H.264 as it is (passthrough)
     await pipeline.submit_audio(packet, pts90k)   # as the demuxer yields them
     await pipeline.stop()                         # flushes, ends the last segment, joins
 
 Two hand-offs cross between the event loop and the encode thread, each bounded:
-- frames and audio in (`_Inbox`): latest-wins for live (a frame the encoder had no time for is
-  replaced by the newer one, counted), or blocking for catch-up and tests;
+- frames, encoded packets and audio in (`_Inbox`): frames are latest-wins for live (a frame the
+  encoder had no time for is replaced by the newer one, counted), or blocking for catch-up and
+  tests. Packets go to the muxer as they are and cannot be replaced: a dropped one breaks the
+  picture up to the next keyframe, so they queue in order, and when live overflows the queue
+  it drops up to the next keyframe (counted). Frames and packets may take turns mid-stream
+  (transcode and passthrough); the encode thread keeps the output decodable across the switches
+  (`_Splicer`);
 - segment bytes out (`SegmentPublisherSink`): bounded in bytes; when full the encode thread
   waits (counted). Bytes are never dropped there: a hole in the middle of a segment corrupts
   everything after it up to the next IDR, while a late segment is merely late.
@@ -22,12 +28,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import av
 
-from relay_server.media.encoder import VideoEncoder
+from relay_server.media.encoder import CLOCK, VideoEncoder
 from relay_server.media.segmenter import AudioInfo, Segmenter, SegmentSink
 from relay_server.trickle.publisher import Outcome, Publisher, SegmentWriter
 
@@ -266,82 +273,182 @@ class PipelineStats:
     audio_in: int = 0  # audio packets submitted
     audio_dropped: int = 0  # oldest audio let go when QUEUE_AUDIO was full (Policy.LATEST)
     audio_waited: int = 0  # submits that waited for room (Policy.BLOCK)
+    packets_in: int = 0  # encoded video packets submitted (submit_packet)
+    # Packets not muxed: an overflow (Policy.LATEST) and the packets after it up to a keyframe;
+    # packets before the first keyframe after frames (or at the start), or after a packet
+    # dropped; packets stamped not after the video before them.
+    packets_dropped: int = 0
+    packets_waited: int = 0  # submits that waited for room (Policy.BLOCK)
+    frames_late: int = 0  # frames stamped not after the packet before them, dropped
+    keyframes_requested: int = 0  # on_keyframe_overdue calls
 
 
 _T = TypeVar("_T")
 
 
 class _Lane(Generic[_T]):
-    """One bounded FIFO of the inbox, (item, pts90k) pairs, with its counters."""
+    """One bounded FIFO of the inbox: (item, pts90k) pairs."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.items: deque[tuple[_T, int]] = deque()
-        self.received = 0
-        self.dropped = 0
-        self.waited = 0
 
     def full(self) -> bool:
         return len(self.items) >= self.limit
 
 
+@dataclass
+class _Tally:
+    """What one kind of input met at the inbox."""
+
+    received: int = 0
+    dropped: int = 0
+    waited: int = 0
+
+
 class _Inbox:
-    """Frames and audio from the event loop to the encode thread.
+    """Frames, encoded packets and audio from the event loop to the encode thread.
+
+    Frames and packets share one lane, in the order they came: the encode thread must see a
+    switch between them where it happened. Under LATEST at most one frame waits there (a newer
+    one replaces it), while packets queue up to the lane's limit: a packet dropped breaks every
+    picture up to the next keyframe, so when the lane is full the queued non-keyframes go and
+    packets are skipped up to the next keyframe (the picture resumes cleanly, later).
 
     The loop side never blocks the loop: under BLOCK it awaits room, which the thread
     announces with call_soon_threadsafe only when a submitter is actually waiting.
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, policy: Policy, queue_frames: int, queue_audio: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        policy: Policy,
+        queue_frames: int,
+        queue_audio: int,
+        on_skip: Callable[[int], None],
     ) -> None:
         self.policy = policy
-        self.frames: _Lane[av.VideoFrame] = _Lane(1 if policy is Policy.LATEST else queue_frames)
-        self.audio: _Lane[av.Packet] = _Lane(queue_audio)
+        self.video_lane: _Lane[av.VideoFrame | av.Packet] = _Lane(queue_frames)
+        self.audio_lane: _Lane[av.Packet] = _Lane(queue_audio)
+        self.frames = _Tally()
+        self.packets = _Tally()
+        self.audio = _Tally()
+        self.skipping = False  # packets are dropped until the next keyframe (after an overflow)
         self.closed = False
         self.reason: BaseException | None = None  # why it closed, when it was a failure
         self._loop = loop
+        self._on_skip = on_skip  # on the loop, with the pts where skipping began: a keyframe is wanted
         self._cond = threading.Condition()
         self._room = asyncio.Event()
         self._waiting = False
 
-    async def put(self, lane: _Lane[_T], item: _T, pts90k: int) -> None:
-        """Queue an item: a full lane lets its oldest item go (LATEST) or waits for room (BLOCK)."""
+    async def put_frame(self, frame: av.VideoFrame, pts90k: int) -> None:
+        def admit() -> bool:
+            if self.policy is Policy.LATEST:
+                self._replace_frame()
+                if self.video_lane.full():
+                    self._overflow()
+            elif self.video_lane.full():
+                return False
+            self.video_lane.items.append((frame, pts90k))
+            return True
+
+        await self._put(self.frames, admit)
+
+    async def put_packet(self, packet: av.Packet, pts90k: int) -> None:
+        def admit() -> bool:
+            if self.policy is Policy.BLOCK:
+                if self.video_lane.full():
+                    return False
+            elif packet.is_keyframe:
+                if self.video_lane.full():
+                    self._overflow()
+                self.skipping = False  # decoding resumes here
+            elif self.skipping:
+                self.packets.dropped += 1
+                return True
+            elif self.video_lane.full():
+                # This packet refers to the ones _overflow lets go: it goes too.
+                self._overflow()
+                self.packets.dropped += 1
+                self.skipping = True
+                self._loop.call_soon(self._on_skip, pts90k)
+                return True
+            self.video_lane.items.append((packet, pts90k))
+            return True
+
+        await self._put(self.packets, admit)
+
+    async def put_audio(self, packet: av.Packet, pts90k: int) -> None:
+        def admit() -> bool:
+            if self.audio_lane.full():
+                if self.policy is Policy.BLOCK:
+                    return False
+                self.audio_lane.items.popleft()
+                self.audio.dropped += 1
+            self.audio_lane.items.append((packet, pts90k))
+            return True
+
+        await self._put(self.audio, admit)
+
+    async def _put(self, tally: _Tally, admit: Callable[[], bool]) -> None:
+        """Admit an item (queued, or dropped and counted by `admit`), or wait for room while
+        `admit` says there is none."""
         waited = False
         while True:
             with self._cond:
                 if self.closed:
                     raise self.reason or RuntimeError("output pipeline is not running")
-                if lane.full() and self.policy is Policy.LATEST:
-                    lane.items.popleft()
-                    lane.dropped += 1
-                if not lane.full():
-                    lane.items.append((item, pts90k))
-                    lane.received += 1
+                if admit():
+                    tally.received += 1
                     self._cond.notify()
                     return
                 if not waited:
                     waited = True
-                    lane.waited += 1
+                    tally.waited += 1
                 self._waiting = True
                 self._room.clear()
             await self._room.wait()
 
-    def take(self) -> tuple[list[tuple[av.Packet, int]], tuple[av.VideoFrame, int] | None] | None:
-        """On the encode thread: wait for work; all queued audio and the next frame, or None
-        once closed and empty."""
+    def _replace_frame(self) -> None:
+        for index, (item, _) in enumerate(self.video_lane.items):
+            if isinstance(item, av.VideoFrame):
+                del self.video_lane.items[index]
+                self.frames.dropped += 1
+                return
+
+    def _overflow(self) -> None:
+        """LATEST, the video lane full: the queued non-keyframes go (what follows them cannot
+        be decoded without them either); if that made no room (a lane of keyframes and
+        perhaps a frame), the oldest goes."""
+        kept: deque[tuple[av.VideoFrame | av.Packet, int]] = deque()
+        for item, pts in self.video_lane.items:
+            if isinstance(item, av.Packet) and not item.is_keyframe:
+                self.packets.dropped += 1
+            else:
+                kept.append((item, pts))
+        self.video_lane.items = kept
+        if self.video_lane.full():
+            oldest, _ = kept.popleft()
+            (self.packets if isinstance(oldest, av.Packet) else self.frames).dropped += 1
+
+    def take(
+        self,
+    ) -> tuple[list[tuple[av.Packet, int]], tuple[av.VideoFrame | av.Packet, int] | None] | None:
+        """On the encode thread: wait for work; all queued audio and the next frame or packet,
+        or None once closed and empty."""
         with self._cond:
-            while not (self.frames.items or self.audio.items or self.closed):
+            while not (self.video_lane.items or self.audio_lane.items or self.closed):
                 self._cond.wait()
-            if not (self.frames.items or self.audio.items):
+            if not (self.video_lane.items or self.audio_lane.items):
                 return None
-            audio = list(self.audio.items)
-            self.audio.items.clear()
-            frame = self.frames.items.popleft() if self.frames.items else None
+            audio = list(self.audio_lane.items)
+            self.audio_lane.items.clear()
+            video = self.video_lane.items.popleft() if self.video_lane.items else None
             if self._waiting:
                 self._waiting = False
                 self._loop.call_soon_threadsafe(self._room.set)
-            return audio, frame
+            return audio, video
 
     def close(self) -> None:
         """No more submissions; the thread finishes what is queued. Waiting submitters raise."""
@@ -357,9 +464,77 @@ class _Inbox:
         `reason` raised."""
         with self._cond:
             self.reason = self.reason or reason
-            self.frames.items.clear()
-            self.audio.items.clear()
+            self.video_lane.items.clear()
+            self.audio_lane.items.clear()
         self.close()
+
+
+class _Splicer:
+    """On the encode thread: frames (through the encoder) and encoded packets (as they are) into
+    one video stream that decodes across every switch between the two.
+
+    - Packets join only at a keyframe: after frames, at the start, or after a packet was dropped
+      (a non-keyframe refers to pictures the output does not have).
+    - The first frame after packets is encoded as an IDR.
+    - Timestamps only go forward: a packet not after the video before it is dropped (it cannot
+      be moved without moving the ones after it), and so is a frame not after the packet before
+      it (frames after frames are the encoder's to fix).
+    - The packets' source places keyframes by its own GOP, maybe far apart: `overdue(pts)` is called
+      when a packet is not a keyframe and either a packet segment has run `gop` of media time
+      without one or none can be muxed for want of one; then at most once per further gop.
+    """
+
+    def __init__(self, encoder: VideoEncoder, segmenter: Segmenter, overdue: Callable[[int], None]) -> None:
+        self.gop = round(encoder.gop / CLOCK)  # on the 90 kHz clock
+        self.frames_late = 0
+        self.packets_dropped = 0
+        self._encoder = encoder
+        self._segmenter = segmenter
+        self._overdue = overdue
+        self._last_pts: int | None = None  # of the last video muxed
+        self._after_packet = False  # the last video muxed was a packet
+        self._joined = False  # packets are being muxed: the next one need not be a keyframe
+        self._ask_at: int | None = None  # a non-keyframe packet from here on asks; None: the next
+
+    def frame(self, frame: av.VideoFrame, pts90k: int) -> None:
+        if self._after_packet:
+            assert self._last_pts is not None
+            if pts90k <= self._last_pts:
+                self.frames_late += 1
+                return
+            self._after_packet = False
+            self._encoder.request_keyframe()
+        self._joined = False
+        self._ask_at = None
+        for packet in self._encoder.encode(frame, pts90k):
+            self._segmenter.mux_video(packet)
+        self._last_pts = self._encoder.last_pts
+
+    def packet(self, packet: av.Packet, pts90k: int) -> None:
+        if self._last_pts is not None and pts90k <= self._last_pts:
+            self.packets_dropped += 1
+            if self._joined:  # the picture stops here until a keyframe: ask for one at once
+                self._joined = False
+                self._ask_at = None
+            return
+        if packet.is_keyframe:
+            self._ask_at = pts90k + self.gop
+        else:
+            if self._ask_at is None or pts90k >= self._ask_at:
+                self._ask_at = pts90k + self.gop
+                self._overdue(pts90k)
+            if not self._joined:
+                self.packets_dropped += 1
+                return
+        packet.pts = packet.dts = pts90k
+        packet.time_base = CLOCK
+        self._segmenter.mux_video(packet)
+        self._last_pts = pts90k
+        self._after_packet = self._joined = True
+
+    def close(self) -> None:
+        for packet in self._encoder.close():
+            self._segmenter.mux_video(packet)
 
 
 class OutputPipeline:
@@ -367,6 +542,10 @@ class OutputPipeline:
 
     `failed` resolves with the first error (encoder, muxer or publisher); `stop()` cleans up
     and then raises that error, so it is never lost.
+
+    `on_keyframe_overdue` is called on the event loop when the encoded packets' source should
+    send a keyframe (see _Splicer; and when an overflow skips packets up to the next one), at
+    most once per gop of media time.
     """
 
     def __init__(
@@ -379,14 +558,20 @@ class OutputPipeline:
         queue_frames: int = QUEUE_FRAMES,
         queue_audio: int = QUEUE_AUDIO,
         sink_bytes: int = SINK_BUFFER,
+        on_keyframe_overdue: Callable[[], None] | None = None,
     ) -> None:
         self.policy = policy
         self.encoder = encoder
         self.sink = SegmentPublisherSink(publisher, max_bytes=sink_bytes)
         self.segmenter = Segmenter(self.sink, encoder.width, encoder.height, drop_audio=drop_audio)
         self.error: BaseException | None = None
+        self.on_keyframe_overdue = on_keyframe_overdue
         self._queue_frames = queue_frames
         self._queue_audio = queue_audio
+        self._splicer = _Splicer(encoder, self.segmenter, self._keyframe_overdue_soon)
+        self._keyframes_requested = 0
+        self._last_request: int | None = None  # pts of the last on_keyframe_overdue call
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: _Inbox | None = None
         self._thread: threading.Thread | None = None
         self._exited: asyncio.Future[None] | None = None
@@ -405,17 +590,30 @@ class OutputPipeline:
         segmenter.stats, sink.stats)."""
         if self._inbox is None:
             return PipelineStats()
-        frames, audio = self._inbox.frames, self._inbox.audio
+        frames, packets, audio = self._inbox.frames, self._inbox.packets, self._inbox.audio
         return PipelineStats(
-            frames.received, frames.dropped, frames.waited, audio.received, audio.dropped, audio.waited
+            frames_in=frames.received,
+            frames_dropped=frames.dropped,
+            frames_waited=frames.waited,
+            audio_in=audio.received,
+            audio_dropped=audio.dropped,
+            audio_waited=audio.waited,
+            packets_in=packets.received,
+            packets_dropped=packets.dropped + self._splicer.packets_dropped,
+            packets_waited=packets.waited,
+            frames_late=self._splicer.frames_late,
+            keyframes_requested=self._keyframes_requested,
         )
 
     @property
     def queued_frames(self) -> tuple[int, int]:
-        """Frames waiting for the encoder now, and the most that may wait."""
+        """Frames and packets waiting for the encode thread now, and the most that may wait
+        (under LATEST one frame, unless packets were submitted: they queue)."""
         inbox = self._inbox
-        capacity = 1 if self.policy is Policy.LATEST else self._queue_frames
-        return (len(inbox.frames.items) if inbox is not None else 0), capacity
+        if inbox is None:
+            return 0, 1 if self.policy is Policy.LATEST else self._queue_frames
+        queue = self.policy is Policy.BLOCK or inbox.packets.received > 0
+        return len(inbox.video_lane.items), self._queue_frames if queue else 1
 
     def add_audio_stream(self, info: AudioInfo) -> None:
         """Carry this audio stream into the output (ignored with drop_audio); on the event loop,
@@ -428,7 +626,7 @@ class OutputPipeline:
         # Nothing submitted yet, so the encode thread waits in take() on this condition and
         # does not touch the segmenter while it is held.
         with inbox._cond:
-            if inbox.frames.received or inbox.audio.received:
+            if inbox.frames.received or inbox.packets.received or inbox.audio.received:
                 raise RuntimeError("add the audio stream before the first frame or audio packet")
             self.segmenter.add_audio_stream(info)
 
@@ -436,8 +634,8 @@ class OutputPipeline:
         """Start the publishing task and the encode thread; call on the event loop."""
         if self._thread is not None:
             raise RuntimeError("pipeline already started")
-        loop = asyncio.get_running_loop()
-        self._inbox = _Inbox(loop, self.policy, self._queue_frames, self._queue_audio)
+        self._loop = loop = asyncio.get_running_loop()
+        self._inbox = _Inbox(loop, self.policy, self._queue_frames, self._queue_audio, self._keyframe_overdue)
         self._exited = loop.create_future()
         self._failed = loop.create_future()
         self.sink.start()
@@ -451,13 +649,19 @@ class OutputPipeline:
     async def submit(self, frame: av.VideoFrame, pts90k: int) -> None:
         """Hand a frame to the encoder, stamped `pts90k` on the output clock. The frame is the
         pipeline's from here on. Under BLOCK this waits while QUEUE_FRAMES are queued."""
-        inbox = self._running()
-        await inbox.put(inbox.frames, frame, pts90k)
+        await self._running().put_frame(frame, pts90k)
+
+    async def submit_packet(self, packet: av.Packet, pts90k: int) -> None:
+        """Hand over an encoded H.264 access unit (Annex B, `is_keyframe` set) to be muxed as it
+        is, stamped `pts90k` on the output clock: no re-encode. Frames and packets may take
+        turns at any point (see _Splicer for how the output stays decodable). The packet is
+        the pipeline's from here on. Shares the frames' bound: under BLOCK this waits while
+        QUEUE_FRAMES are queued; under LATEST a full queue drops packets up to a keyframe."""
+        await self._running().put_packet(packet, pts90k)
 
     async def submit_audio(self, packet: av.Packet, pts90k: int) -> None:
         """Hand over an audio packet, its timestamp mapped onto the output clock."""
-        inbox = self._running()
-        await inbox.put(inbox.audio, packet, pts90k)
+        await self._running().put_audio(packet, pts90k)
 
     async def stop(self) -> None:
         """Encode what is queued, flush the encoder, end the last segment, join the thread and
@@ -489,14 +693,16 @@ class OutputPipeline:
         error: BaseException | None = None
         try:
             while (work := inbox.take()) is not None:
-                audio, frame = work
+                audio, video = work
                 for packet, pts90k in audio:
                     self.segmenter.mux_audio(packet, pts90k)
-                if frame is not None:
-                    for packet in self.encoder.encode(*frame):
-                        self.segmenter.mux_video(packet)
-            for packet in self.encoder.close():
-                self.segmenter.mux_video(packet)
+                if video is not None:
+                    item, pts90k = video
+                    if isinstance(item, av.Packet):
+                        self._splicer.packet(item, pts90k)
+                    else:
+                        self._splicer.frame(item, pts90k)
+            self._splicer.close()
             self.segmenter.close()
         except Exception as exc:
             error = exc
@@ -504,6 +710,20 @@ class OutputPipeline:
             self.segmenter.abort()
         finally:
             loop.call_soon_threadsafe(self._thread_exited, exited, error)
+
+    def _keyframe_overdue_soon(self, pts90k: int) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._keyframe_overdue, pts90k)
+
+    def _keyframe_overdue(self, pts90k: int) -> None:
+        # Two sides ask (the encode thread, the inbox when it skips): one request per gop
+        # between them, as the owner expects (it may count unanswered ones).
+        if self._last_request is not None and pts90k < self._last_request + self._splicer.gop:
+            return
+        self._last_request = pts90k
+        self._keyframes_requested += 1
+        if self.on_keyframe_overdue is not None:
+            self.on_keyframe_overdue()
 
     def _thread_exited(self, exited: asyncio.Future[None], error: BaseException | None) -> None:
         if error is not None:

@@ -18,6 +18,7 @@ from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.media.encoder import EncoderSettings
 from relay_server.media.scaler import ScaleMode
 from relay_server.session.config import DEFAULT_SIZE, ConfigError, FieldViolation, SessionConfig
+from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode, QueueDepth
 from relay_server.session.session import SessionSnapshot, SessionState
 
@@ -30,6 +31,12 @@ FILLS = {
     pb.OUTPUT_FILL_UNSPECIFIED: FillMode.REPEAT,
     pb.OUTPUT_FILL_REPEAT: FillMode.REPEAT,
     pb.OUTPUT_FILL_HOLD: FillMode.HOLD,
+}
+MODES = {
+    pb.SESSION_MODE_UNSPECIFIED: VideoMode.TRANSCODE,
+    pb.SESSION_MODE_TRANSCODE: VideoMode.TRANSCODE,
+    pb.SESSION_MODE_PASSTHROUGH: VideoMode.PASSTHROUGH,
+    pb.SESSION_MODE_AUTO: VideoMode.AUTO,
 }
 STATES = {
     SessionState.STARTING: pb.SESSION_STATE_STARTING,
@@ -51,9 +58,12 @@ def to_config(request: pb.StartSessionRequest) -> SessionConfig:
     fill = FILLS.get(request.output_fill)
     if fill is None:
         problems.append(FieldViolation("output_fill", f"unknown value {request.output_fill}"))
+    mode = MODES.get(request.mode)
+    if mode is None:
+        problems.append(FieldViolation("mode", f"unknown value {request.mode}"))
     if problems:
         raise ConfigError(problems)
-    assert scale_mode is not None and fill is not None
+    assert scale_mode is not None and fill is not None and mode is not None
     defaults = EncoderSettings()
     encoder = request.encoder
     return SessionConfig(
@@ -83,6 +93,7 @@ def to_config(request: pb.StartSessionRequest) -> SessionConfig:
             if request.HasField("offer_timeout")
             else DEFAULT_OFFER_TIMEOUT
         ),
+        mode=mode,
     )
 
 
@@ -121,6 +132,7 @@ def to_request(config: SessionConfig) -> pb.StartSessionRequest:
         allow_shared_processor=config.allow_shared_processor,
         output_fill=pb.OUTPUT_FILL_HOLD if config.fill is FillMode.HOLD else pb.OUTPUT_FILL_REPEAT,
         offer_timeout=_duration(config.offer_timeout),
+        mode={mode: value for value, mode in MODES.items() if value}[config.mode],
     )
 
 
@@ -158,6 +170,11 @@ def to_session(snapshot: SessionSnapshot) -> pb.Session:
             reconnects=link.losses,
             segments_in=stats.feed.segments,
             segments_out=stats.sink.segments,
+            send_path=stats.paths.send,
+            send_path_reason=stats.paths.send_reason,
+            output_path=stats.paths.output,
+            output_path_reason=stats.paths.output_reason,
+            path_switches=stats.paths.switches,
         ),
     )
     session.created_time.FromDatetime(snapshot.created)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from relay_server.media.encoder import EncoderSettings
 from relay_server.media.scaler import ScaleMode
+from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -70,6 +71,7 @@ class SessionConfig:
     allow_shared_processor: bool = False
     fill: FillMode = FillMode.REPEAT
     offer_timeout: float = 60.0
+    mode: VideoMode = VideoMode.TRANSCODE
 
     @property
     def urls(self) -> dict[str, str]:

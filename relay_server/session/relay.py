@@ -12,6 +12,14 @@ When no frame comes back for `fill_after` seconds (the processor is reconnecting
 start again), the output either repeats the last good frame at `fps` so that players downstream
 never stall (FillMode.REPEAT, the default) or holds: nothing until frames return (FillMode.HOLD).
 
+Zero-transcode (paths.py): with `video_mode` PASSTHROUGH or AUTO the decode thread forwards
+the input's access units that qualify (LatestFrame gives them to the sender beside decoded
+frames), and the processor's returned access units are muxed into the output as they are
+(remux: neither decoded nor encoded). A remuxed output cannot repeat a frame it never decoded:
+while none come back it holds, whatever `fill` says. Its segments follow the processor's
+keyframes; when one runs past the gop, the processor is asked for a keyframe (RTCP PLI), and if
+none comes after KEYFRAME_REQUESTS asks the output falls back to decoding and encoding.
+
 The input's audio (AAC or Opus) is carried unchanged, laid on the same clock where its video
 comes back (audio.py), unless drop_audio.
 """
@@ -33,12 +41,15 @@ from relay_server import _fast
 from relay_server.media.decoder import DecoderStats
 from relay_server.media.encoder import CLOCK, EncoderSettings, EncoderStats
 from relay_server.media.feeder import FeedStats
+from relay_server.media.h264 import Verdict, is_idr
 from relay_server.media.handoff import LatestFrame
 from relay_server.media.input import MediaInput
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
 from relay_server.media.scaler import ScaleMode
 from relay_server.media.segmenter import AudioInfo, SegmenterStats
+from relay_server.media.units import AccessUnits
 from relay_server.session.audio import AudioCarrier
+from relay_server.session.paths import InputRoute, NotQualified, PathStats, VideoMode
 from relay_server.trickle.publisher import Publisher
 from relay_server.webrtc.link import LinkSettings, LinkState, LinkStats, ProcessorLink
 
@@ -51,6 +62,9 @@ FILL_AFTER = 0.25
 # buffers (the processor's and ours) release a frame only when the next one starts, so the very
 # last frame may never come back; this bounds the wait for it.
 DRAIN_SECONDS = 0.5
+# Keyframe requests in a row, each a gop apart, that go unanswered before a remuxed output falls
+# back to decoding and encoding the processor's frames.
+KEYFRAME_REQUESTS = 3
 
 
 class FillMode(enum.Enum):
@@ -85,15 +99,19 @@ class RelayStats:
     segmenter: SegmenterStats = field(default_factory=SegmenterStats)
     sink: SinkStats = field(default_factory=SinkStats)
     queues: tuple[QueueDepth, ...] = ()  # every bounded hand-off, in data-flow order
+    paths: PathStats = field(default_factory=lambda: PathStats("encode", "", "encode", "", 0, 0))
+    units_dropped: int = 0  # input access units not forwarded: the sender fell behind
 
     @property
     def drops(self) -> dict[str, int]:
         """Frames and packets let go, by why (latency over completeness, or bad input)."""
         return {
             "input_corrupt": self.decoder.corrupt_packets,
+            "input_units": self.units_dropped + self.paths.units_skipped,  # to resume at a keyframe
             "input_replaced": self.frames_dropped,  # newer decoded frame before it could be sent
             "processor_lost": self.link.send.presumed_lost,  # sent, never came back
             "output_replaced": self.pipeline.frames_dropped,  # newer returned frame before encoding
+            "returned_units": self.link.units_dropped + self.pipeline.packets_dropped,
             "audio_not_carried": self.audio_dropped,
         }
 
@@ -114,6 +132,7 @@ class Relay:
         height: int,
         prompts: list[dict[str, Any]] | None = None,
         mode: ScaleMode = ScaleMode.LETTERBOX,
+        video_mode: VideoMode = VideoMode.TRANSCODE,
         encoder: EncoderSettings | None = None,
         link: LinkSettings | None = None,
         fill: FillMode = FillMode.REPEAT,
@@ -134,7 +153,16 @@ class Relay:
         self.name = name
         self.fill = fill
         self.fill_after = fill_after
+        self.video_mode = video_mode
         self._fps = encoding.fps
+        self._gop = encoding.gop
+        zero_transcode = video_mode is not VideoMode.TRANSCODE
+        why = f"{video_mode.value} mode"
+        self._send_path, self._send_reason = "encode", why if not zero_transcode else "no input yet"
+        self._output_path, self._output_reason = ("remux", why) if zero_transcode else ("encode", why)
+        self._switches = 0
+        self._keyframe_requests = 0  # unanswered, in a row
+        self._fatal: BaseException | None = None
         self._publisher = Publisher(output) if isinstance(output, str) else output
         self._owns_publisher = isinstance(output, str)
         self._pipeline = OutputPipeline(
@@ -142,14 +170,20 @@ class Relay:
             encoding.encoder(width, height),
             policy=Policy.BLOCK if catch_up else Policy.LATEST,
             drop_audio=drop_audio,
+            on_keyframe_overdue=self._keyframe_overdue if zero_transcode else None,
         )
-        self._frames = LatestFrame(width, height, wait=catch_up)
+        self._units = AccessUnits(wait=catch_up) if zero_transcode else None
+        self._frames = LatestFrame(width, height, wait=catch_up, units=self._units)
+        self._route = (
+            InputRoute(width, height, self._units, self._on_verdict) if self._units is not None else None
+        )
         self._input = MediaInput(
             source,
             on_frame=self._frames.put,
             # With drop_audio the demuxer leaves audio alone altogether.
             on_audio=None if drop_audio else self._on_audio,
             on_audio_stream=self._on_audio_stream,
+            on_video_packet=self._route,
             width=width,
             height=height,
             mode=mode,
@@ -164,6 +198,8 @@ class Relay:
             settings=link,
             on_data=on_data,
             on_state=on_link_state,
+            on_unit=self._returned_unit,
+            remux=zero_transcode,
             name=name,
         )
         self._audio = AudioCarrier(self._pipeline, self.link.pacer, self.link.latencies)
@@ -199,6 +235,15 @@ class Relay:
             segmenter=copy.copy(self._pipeline.segmenter.stats),
             sink=copy.copy(self._pipeline.sink.stats),
             queues=self._queues(),
+            paths=PathStats(
+                self._send_path,
+                self._send_reason,
+                self._output_path,
+                self._output_reason,
+                self._switches,
+                self._route.skipped if self._route is not None else 0,
+            ),
+            units_dropped=self._units.dropped if self._units is not None else 0,
         )
 
     def _queues(self) -> tuple[QueueDepth, ...]:
@@ -206,6 +251,11 @@ class Relay:
         return (
             QueueDepth("input_bytes", *self._input.buffered, "bytes"),
             QueueDepth("decoded_frames", int(self._frames.pending), 1, "frames"),
+            *(
+                [QueueDepth("input_units", len(self._units), self._units.capacity, "frames")]
+                if self._units is not None
+                else []
+            ),
             QueueDepth("processor_in_flight", *self.link.in_flight, "frames"),
             QueueDepth("returned_frames", *self._pipeline.queued_frames, "frames"),
             QueueDepth("output_bytes", sink.buffered, sink.max_bytes, "bytes"),
@@ -274,7 +324,7 @@ class Relay:
                 await self._pipeline.stop()
             except Exception as exc:
                 pipeline_error = exc
-            error = source.feed_error or link_error or pipeline_error or source.decoder_error
+            error = self._fatal or source.feed_error or link_error or pipeline_error or source.decoder_error
             if error is not None:
                 raise error
         finally:
@@ -293,10 +343,56 @@ class Relay:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._audio.add_stream, info)
 
+    def _on_verdict(self, verdict: Verdict) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._send_path_decided, verdict)
+
+    # -- the paths (on the loop) -----------------------------------------------------------------
+
+    def _send_path_decided(self, verdict: Verdict) -> None:
+        path = "forward" if verdict.passthrough else "encode"
+        if path != self._send_path and self._send_reason != "no input yet":
+            self._switches += 1
+        self._send_path, self._send_reason = path, verdict.reason
+        log.info(
+            "relay %s: input %s (%s)",
+            self.name,
+            "forwarded" if verdict.passthrough else "decoded",
+            verdict.reason,
+        )
+        if self.video_mode is VideoMode.PASSTHROUGH and not verdict.passthrough:
+            self._fatal = self._fatal or NotQualified(f"the input cannot be passed through: {verdict.reason}")
+            self._stopping.set()
+
+    def _keyframe_overdue(self) -> None:
+        """The remuxed output's segment ran past the gop: ask the processor for a keyframe, and
+        give up on remuxing when asking does not help."""
+        if self._output_path != "remux":
+            return
+        self._keyframe_requests += 1
+        if self._keyframe_requests <= KEYFRAME_REQUESTS:
+            self.link.request_keyframe()
+            return
+        self._output_path = "encode"
+        self._output_reason = (
+            f"the processor sent no keyframe in {KEYFRAME_REQUESTS} requests a gop ({self._gop:g} s) apart"
+        )
+        log.warning("relay %s: output falls back to encoding: %s", self.name, self._output_reason)
+        self.link.set_remux(False)
+
     # -- the output's timeline -------------------------------------------------------------------
 
     def _pts(self, at: float) -> int:
         return round((at - self._origin) / CLOCK)
+
+    async def _returned_unit(self, unit: bytes, arrival: float) -> None:
+        packet = av.Packet(unit)
+        packet.is_keyframe = is_idr(unit)
+        if packet.is_keyframe:
+            self._keyframe_requests = 0
+        self._last, self._last_return = None, arrival  # nothing decoded to repeat: the output holds
+        self._audio.frame_returned()
+        await self._pipeline.submit_packet(packet, self._pts(arrival))
 
     async def _returned(self, frame: av.VideoFrame, arrival: float) -> None:
         self._last, self._last_return = frame, arrival

@@ -109,6 +109,7 @@ class Session:
             height=config.height,
             prompts=list(config.prompts) or None,
             mode=config.scale_mode,
+            video_mode=config.mode,
             encoder=config.encoder,
             link=link_settings,
             fill=config.fill,

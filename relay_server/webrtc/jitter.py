@@ -5,23 +5,80 @@ so every received frame waits one frame interval (33 ms at 30 fps) for no reason
 marks the last packet of each frame (RTP marker bit, RFC 6184 for H.264). This one releases a
 frame when its packets from the first to the marked one are all in; a frame whose marked packet
 was lost is still released, the old way, when the next frame starts.
+
+Passthrough: with a `tap` set, complete frames (Annex B access units, as aiortc's depayloader
+leaves them) go to the tap instead of to aiortc's decoder thread, so the returned video costs
+no decoding. The receiver calls add() on the event loop for every RTP packet, so the tap runs
+there, synchronously, before the next packet is handled. When the tap is cleared, aiortc's
+decoder resumes on a stream it missed part of: what it would make of the frames before the next
+keyframe is smeared pictures, so those are withheld (counted) and request_keyframe() asks the
+sender for a keyframe (RTCP PLI) so that the wait is one round trip.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtp import RtpPacket
+
+from relay_server.media.h264 import is_idr
 
 log = logging.getLogger(__name__)
 
 CAPACITY = 512  # packets, as aiortc's video receiver has
+_BUFFER = "_RTCRtpReceiver__jitter_buffer"  # where aiortc's receiver keeps it (name-mangled)
+
+_requests: set[asyncio.Task[None]] = set()  # PLIs being sent
+
+Tap = Callable[[bytes, int], None]  # (Annex B access unit, RTP timestamp on the 90 kHz clock)
 
 
 class MarkerJitterBuffer(JitterBuffer):
     def __init__(self) -> None:
         super().__init__(capacity=CAPACITY, is_video=True)
+        self.ssrc: int | None = None  # media SSRC of the last packet: where a PLI must go
+        self.tapped = 0  # frames that went to the tap
+        self.withheld = 0  # frames kept from the decoder after the tap, waiting for a keyframe
+        self._tap: Tap | None = None
+        self._resync = False  # the decoder missed frames: nothing for it before a keyframe
+
+    @property
+    def tap(self) -> Tap | None:
+        """Where complete frames go instead of the decoder: `tap(access_unit, rtp_timestamp)`,
+        with the RTP timestamp raw (random origin, wraps at 2**32). Set and clear it at any
+        time on the event loop; an exception it raises is logged and costs that frame only."""
+        return self._tap
+
+    @tap.setter
+    def tap(self, tap: Tap | None) -> None:
+        if tap is None and self._tap is not None:
+            self._resync = True
+        self._tap = tap
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self.ssrc = packet.ssrc
+        pli_flag, frame = super().add(packet)
+        if frame is None:
+            return pli_flag, None
+        if self._tap is not None:
+            self.tapped += 1
+            try:
+                self._tap(frame.data, frame.timestamp)
+            except Exception:
+                # Raised into aiortc, it would end the DTLS transport's receive loop: the
+                # whole connection would die for one frame.
+                log.exception("jitter buffer tap failed: frame at %d lost", frame.timestamp)
+            return pli_flag, None
+        if self._resync:
+            if not is_idr(frame.data):
+                self.withheld += 1
+                return pli_flag, None
+            self._resync = False
+        return pli_flag, frame
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         assert self._origin is not None
@@ -43,12 +100,34 @@ class MarkerJitterBuffer(JitterBuffer):
         return frame
 
 
-def install(receiver: Any) -> bool:
-    """Give an aiortc video RTCRtpReceiver a MarkerJitterBuffer (before its first packet). Its
-    buffer is private: if a future aiortc moves it, the stock one stays and this says so."""
-    name = "_RTCRtpReceiver__jitter_buffer"
-    if not isinstance(getattr(receiver, name, None), JitterBuffer):
+def install(receiver: Any) -> MarkerJitterBuffer | None:
+    """Give an aiortc video RTCRtpReceiver a MarkerJitterBuffer (before its first packet) and
+    return it. Its buffer is private: if a future aiortc moves it, the stock one stays, this
+    says so and returns None (no tap either, then)."""
+    if not isinstance(getattr(receiver, _BUFFER, None), JitterBuffer):
         log.warning("aiortc's receiver has no jitter buffer where expected: frames wait one interval")
+        return None
+    buffer = MarkerJitterBuffer()
+    setattr(receiver, _BUFFER, buffer)
+    return buffer
+
+
+def request_keyframe(receiver: Any) -> bool:
+    """Ask the sender of `receiver`'s video for a keyframe (RTCP PLI, sent soon from a task);
+    on the event loop. False when there is no one to ask yet: no MarkerJitterBuffer installed,
+    or no packet received (aiortc itself drops the PLI until the connection has its RTCP SSRC)."""
+    buffer = getattr(receiver, _BUFFER, None)
+    if not isinstance(buffer, MarkerJitterBuffer) or buffer.ssrc is None:
         return False
-    setattr(receiver, name, MarkerJitterBuffer())
+    task = asyncio.get_running_loop().create_task(
+        receiver._send_rtcp_pli(buffer.ssrc), name=f"keyframe-request {buffer.ssrc}"
+    )
+    _requests.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_sent)
     return True
+
+
+def _sent(task: asyncio.Task[None]) -> None:
+    _requests.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("keyframe request not sent: %r", task.exception())

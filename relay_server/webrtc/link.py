@@ -14,6 +14,11 @@ fatal: retrying cannot fix it.
 Returned frames are stamped on arrival (monotonic clock) and matched to sent ones for the round
 trip (roundtrip.py). Their own pts say nothing reliable: ComfyStream labels a slow pipeline's
 output with stale ones.
+
+With `remux` on (zero-transcode) returned frames are not decoded at all: the receiver's jitter
+buffer hands each complete access unit to on_unit instead of aiortc's decoder thread;
+request_keyframe() asks the processor for an IDR (RTCP PLI). Switching remux off mid-stream asks
+for one too, since aiortc's decoder starts again where the units left off.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from relay_server.backoff import Backoff
 from relay_server.media.encoder import EncoderStats, VideoEncoder
+from relay_server.media.h264 import is_idr
 from relay_server.media.handoff import LatestFrame
 from relay_server.media.pacer import Pacer
 from relay_server.webrtc import jitter
@@ -46,6 +52,10 @@ from relay_server.webrtc.signaling import OfferRejected, ProcessorError, negotia
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+# Returned access units waiting for delivery (remux): a second at 30 fps; the processor holds at
+# most max_in_flight frames, so only a burst after a stall comes near it.
+RETURNED_UNITS = 32
 
 
 class LinkState(enum.Enum):
@@ -94,6 +104,7 @@ class LinkStats:
     losses: int  # connections lost and torn down
     frames_dropped: int  # input frames replaced by a newer one before they could be sent
     frames_returned: int
+    units_dropped: int  # returned access units let go (remux): the delivery queue was full
     returns_unmatched: int  # returned frames not matched to a sent one (no latency for them)
     latency_p50: float  # send → return, seconds, over the last ~10 s (NaN: none matched)
     latency_p95: float
@@ -117,8 +128,12 @@ class ProcessorLink:
         settings: LinkSettings | None = None,
         on_data: Callable[[str], None] | None = None,
         on_state: Callable[[LinkState, str], None] | None = None,
+        on_unit: Callable[[bytes, float], Awaitable[None]] | None = None,
+        remux: bool = False,
         name: str = "link",
     ) -> None:
+        if remux and on_unit is None:
+            raise ValueError("remux needs on_unit, where the returned access units go")
         self.url = url
         self.frames = frames
         self.prompts = prompts
@@ -130,6 +145,9 @@ class ProcessorLink:
         self._on_frame = on_frame
         self._on_data = on_data
         self._on_state = on_state
+        self._on_unit = on_unit
+        self._remux = remux
+        self.units_dropped = 0  # returned access units let go: the delivery queue was full
         self.pacer = Pacer()  # media time → clock, kept across connections
         self._send = SendStats()
         self._encoded = EncoderStats()  # of closed connections' encoders
@@ -156,6 +174,7 @@ class ProcessorLink:
             losses=self._losses,
             frames_dropped=self.frames.dropped,
             frames_returned=self._returned,
+            units_dropped=self.units_dropped,
             returns_unmatched=unmatched,
             latency_p50=window.percentile(0.50),
             latency_p95=window.percentile(0.95),
@@ -171,6 +190,25 @@ class ProcessorLink:
         """Frames at the processor now (sent, not back), and the most allowed (0: no limit)."""
         connection = self._connection
         return (len(connection.in_flight) if connection is not None else 0), self.settings.max_in_flight
+
+    @property
+    def remux(self) -> bool:
+        """Returned frames go to on_unit as they are (True) or decoded to on_frame."""
+        return self._remux
+
+    def set_remux(self, remux: bool) -> None:
+        """Switch the return leg, at once on the current connection and for the next ones."""
+        if remux and self._on_unit is None:
+            raise ValueError("remux needs on_unit, where the returned access units go")
+        if remux != self._remux:
+            self._remux = remux
+            if self._connection is not None:
+                self._connection.set_remux(remux)
+
+    def request_keyframe(self) -> bool:
+        """Ask the processor for an IDR on its return leg (RTCP PLI); False when not connected."""
+        connection = self._connection
+        return connection is not None and connection.request_keyframe()
 
     async def run(self) -> None:
         """Connect, and reconnect after every loss, until stop(); raises LinkError when the link
@@ -280,11 +318,19 @@ class ProcessorLink:
     def _answered(self) -> None:
         self._connections += 1
 
-    async def _returned_frame(self, frame: av.VideoFrame, arrival: float) -> None:
+    def _count_return(self) -> None:
         self._returned += 1
         if self.state is not LinkState.CONNECTED:
             self._set_state(LinkState.CONNECTED, "")
+
+    async def _returned_frame(self, frame: av.VideoFrame, arrival: float) -> None:
+        self._count_return()
         await self._on_frame(frame, arrival)
+
+    async def _returned_unit(self, unit: bytes, arrival: float) -> None:
+        self._count_return()
+        assert self._on_unit is not None
+        await self._on_unit(unit, arrival)
 
     def _data(self, message: Any) -> None:
         if self._on_data is not None:
@@ -338,13 +384,20 @@ class _Connection:
             # aiortc answers RTCP PLI/FIR by flagging its own encoder, which packets bypass.
             transceiver.sender._send_keyframe = self.track.request_keyframe  # type: ignore[method-assign]
         # Returned frames as soon as they are complete, not one frame interval later.
-        jitter.install(transceiver.receiver)
+        self.receiver = transceiver.receiver
+        self.jitter = jitter.install(self.receiver)
+        # Returned access units (remux) wait here for delivery: the tap runs inside aiortc's
+        # packet handler and cannot wait. Bounded by the frames in flight in practice.
+        self.units: asyncio.Queue[tuple[bytes, float, int]] = asyncio.Queue(RETURNED_UNITS)
+        self._skip_to_keyframe = False
+        self._first_timestamp: int | None = None  # of the returned RTP stream (remux)
         self.control = ControlClient(self.pc.createDataChannel("control"))
         self.pc.createDataChannel("data").on("message", link._data)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_peer_state)
         self._lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._receiving: asyncio.Task[None] | None = None
+        self._delivering: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_return = 0.0
 
@@ -361,6 +414,8 @@ class _Connection:
         )
         self.answered = 1
         link._answered()
+        self.set_remux(link.remux)
+        self._delivering = asyncio.create_task(self._deliver_units(), name=f"link-units {link.name}")
         self._arm(link.settings.return_timeout)
         return await asyncio.shield(self._lost)
 
@@ -368,9 +423,12 @@ class _Connection:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self.pc.close()  # stops the sender (and with it the track) and the receiver
-        if self._receiving is not None:
-            self._receiving.cancel()
-            await asyncio.wait([self._receiving])
+        if self.jitter is not None:
+            self.jitter.tap = None
+        for task in (self._receiving, self._delivering):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         await self.track.drain()
         loop = asyncio.get_running_loop()
         if self.encoder is not None:
@@ -395,17 +453,68 @@ class _Connection:
                 frame = await track.recv()
                 arrival = time.monotonic()
                 assert isinstance(frame, av.VideoFrame)
-                self.returned += 1
-                self._last_return = arrival
-                self.in_flight.returned()
-                if frame.pts is not None:
-                    self.roundtrip.returned(frame.pts, arrival)
+                self._returned(arrival, frame.pts)
                 await self.link._returned_frame(frame, arrival)
         except MediaStreamError:
             self._lose("the processor's video track ended")
         except Exception as error:
             log.exception("link %s: returned frames cannot be delivered", self.link.name)
             self._lose(f"returned frames cannot be delivered: {error}")
+
+    def set_remux(self, remux: bool) -> None:
+        if self.jitter is None:
+            if remux:
+                log.warning(
+                    "link %s: aiortc's receiver cannot be tapped: returned frames are decoded", self.link.name
+                )
+            return
+        was = self.jitter.tap is not None
+        self.jitter.tap = self._tapped if remux else None
+        if was and not remux:
+            self.request_keyframe()  # aiortc's decoder starts again mid-GOP
+
+    def request_keyframe(self) -> bool:
+        return jitter.request_keyframe(self.receiver)
+
+    def _tapped(self, unit: bytes, timestamp: int) -> None:
+        """A returned access unit, complete (on the loop, inside aiortc's RTP handler)."""
+        if self._skip_to_keyframe:
+            if not is_idr(unit):
+                self.link.units_dropped += 1
+                return
+            self._skip_to_keyframe = False
+        # From 0 like aiortc's decoded frames, modulo the 32-bit wrap: the round trip matcher
+        # learns the offset to the send timeline either way.
+        if self._first_timestamp is None:
+            self._first_timestamp = timestamp
+        pts = (timestamp - self._first_timestamp) & 0xFFFFFFFF
+        try:
+            self.units.put_nowait((unit, time.monotonic(), pts))
+        except asyncio.QueueFull:
+            # Dropping a unit breaks every picture up to the next keyframe: drop those too, and
+            # ask for one now.
+            self.link.units_dropped += 1 + self.units.qsize()
+            while not self.units.empty():
+                self.units.get_nowait()
+            self._skip_to_keyframe = True
+            self.request_keyframe()
+
+    async def _deliver_units(self) -> None:
+        try:
+            while True:
+                unit, arrival, pts = await self.units.get()
+                self._returned(arrival, pts)
+                await self.link._returned_unit(unit, arrival)
+        except Exception as error:
+            log.exception("link %s: returned units cannot be delivered", self.link.name)
+            self._lose(f"returned frames cannot be delivered: {error}")
+
+    def _returned(self, arrival: float, pts: int | None) -> None:
+        self.returned += 1
+        self._last_return = arrival
+        self.in_flight.returned()
+        if pts is not None:
+            self.roundtrip.returned(pts, arrival)
 
     def _arm(self, timeout: float) -> None:
         """Watchdog: lost when frames went out and none came back for `timeout` seconds. One

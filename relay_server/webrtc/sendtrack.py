@@ -16,6 +16,12 @@ At most `max_in_flight` frames are out at the processor at once (sent, not yet b
 queues every input frame and a slow pipeline would fall ever further behind; held back, the
 sender sends what the processor returns, and the hand-off keeps only the newest frame meanwhile.
 
+Zero-transcode: the hand-off may give the input's own encoded access units instead of decoded
+frames (LatestFrame with AccessUnits). They are paced the same way and go out as they are; when
+the input stalls, the last keyframe is what goes again (a P-frame repeated would corrupt the
+picture). Frames that follow units start on an IDR of our encoder, so the processor's decoder
+switches cleanly between the two streams.
+
 Send timestamps come from the monotonic clock, not from the input: repeats and input jumps keep
 one clean RTP timeline, and the round-trip matcher needs the clock's jitter (see roundtrip.py).
 """
@@ -53,6 +59,7 @@ IN_FLIGHT_EXPIRY = 1.0
 @dataclass
 class SendStats:
     frames: int = 0  # frames sent, fresh and repeated
+    forwarded: int = 0  # of which the input's own access units, sent as they are
     repeated: int = 0  # the last frame sent again while the input stalled
     keyframes_requested: int = 0  # RTCP PLI/FIR from the processor
     bytes: int = 0  # encoded bytes handed to aiortc
@@ -141,6 +148,7 @@ class SendTrack(MediaStreamTrack):
         self._repeat_after = repeat_after
         self._min_interval = 1 / max_fps if max_fps else 0.0
         self._last_sent = -math.inf
+        self._after_units = False  # the last thing sent was an access unit: the next frame is an IDR
         self._encode_loop = asyncio.get_running_loop()
 
     def request_keyframe(self) -> None:
@@ -165,6 +173,12 @@ class SendTrack(MediaStreamTrack):
             else:
                 self.stats.repeated += 1
             pts = round((time.monotonic() - self._origin) / CLOCK)
+            if isinstance(frame, av.Packet):
+                return self._forward(frame, pts)
+            if self._after_units:
+                self._after_units = False
+                if self.encoder is not None:
+                    self.encoder.request_keyframe()
             if self.encoder is None:
                 return self._sent(pts, _stock(frame, pts))
             packets = await self._encode_loop.run_in_executor(self._executor, self.encoder.encode, frame, pts)
@@ -174,6 +188,15 @@ class SendTrack(MediaStreamTrack):
                 return self._sent(pts, packet)
         raise MediaStreamError
 
+    def _forward(self, unit: av.Packet, pts: int) -> av.Packet:
+        """The input's access unit, restamped on the send timeline (aiortc only packetises it)."""
+        unit.pts = unit.dts = pts
+        unit.time_base = CLOCK
+        self._after_units = True
+        self.stats.forwarded += 1
+        self.stats.bytes += unit.size
+        return self._sent(pts, unit)
+
     def _sent(self, pts: int, data: _Sent) -> _Sent:
         sent = self._last_sent = time.monotonic()
         self._roundtrip.sent(pts, sent)
@@ -181,7 +204,7 @@ class SendTrack(MediaStreamTrack):
         self.stats.frames += 1
         return data
 
-    async def _until_due(self, frame: av.VideoFrame) -> None:
+    async def _until_due(self, frame: av.VideoFrame | av.Packet) -> None:
         now = time.monotonic()
         due = now  # without media time or pacing: now
         if self._pacer is not None and frame.pts is not None and frame.time_base:

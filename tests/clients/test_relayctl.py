@@ -40,6 +40,7 @@ async def test_session_lifecycle(live_relay: Relay, tmp_path: Path) -> None:
         "--prompts", json.dumps(INVERT),
         "--width", "256", "--height", "256",
         "--gop", "1", "--scale-mode", "crop", "--fill", "hold", "--offer-timeout", "20",
+        "--mode", "transcode",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     session = json.loads(started.stdout)["session"]
@@ -52,6 +53,7 @@ async def test_session_lifecycle(live_relay: Relay, tmp_path: Path) -> None:
     assert config["scaleMode"] == "SCALE_MODE_CROP"
     assert config["outputFill"] == "OUTPUT_FILL_HOLD"
     assert config["offerTimeout"] == "20s"
+    assert config["mode"] == "SESSION_MODE_TRANSCODE"
 
     got = await relay.relayctl("get", "ctl-1")
     assert got.returncode == 0, got.stderr

@@ -7,7 +7,7 @@ import io
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -237,14 +237,16 @@ async def test_first_frame_comes_while_its_segment_is_still_arriving(trickle_ser
 class PacketSink(Sink):
     """Also records video packets handed to on_video_packet, and the order of packets and frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Callable[[av.Packet], bool] = lambda packet: False) -> None:
         super().__init__()
         self.packets: list[av.Packet] = []
         self.events: list[tuple[str, int | None]] = []
+        self.forward = forward
 
-    def on_video_packet(self, packet: av.Packet) -> None:
+    def on_video_packet(self, packet: av.Packet) -> bool:
         self.packets.append(packet)
         self.events.append(("packet", packet.pts))
+        return self.forward(packet)
 
     def on_frame(self, frame: av.VideoFrame) -> None:
         super().on_frame(frame)
@@ -266,6 +268,19 @@ async def test_video_packets_are_handed_out_before_they_are_decoded() -> None:
     for position, (kind, pts) in enumerate(sink.events):
         if kind == "frame":
             assert ("packet", pts) in sink.events[:position]
+
+
+async def test_packets_the_hook_takes_are_not_decoded() -> None:
+    """Zero-transcode: the hook forwards the second GOP as it is; the decoder decodes the rest,
+    starting again cleanly at the third GOP's keyframe."""
+    spec = ClipSpec(512, 512, fps=30, frames=30, gop=10)
+    clip = make_clip(spec)
+    second_gop = set(clip.video_pts[10:20])
+    sink = PacketSink(forward=lambda packet: packet.pts in second_gop)
+    decoder = await through_memory(list(clip.segments), sink, on_video_packet=sink.on_video_packet)
+    assert sink.ended and sink.pts == [pts for pts in clip.video_pts if pts not in second_gop]
+    assert decoder.stats.forwarded == 10 and decoder.stats.frames == 20
+    assert decoder.stats.corrupt_packets == decoder.stats.damaged_frames == 0
 
 
 # -- damaged input -------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
+from fractions import Fraction
+from itertools import pairwise
+from typing import Any
 
 import aiohttp
 import av
+import numpy as np
 import pytest
 
-from relay_server.media.encoder import VideoEncoder
+from relay_server.media.encoder import CLOCK, VideoEncoder
 from relay_server.media.output import (
     SINK_BUFFER,
     OutputPipeline,
@@ -179,11 +184,11 @@ async def test_latest_wins_encodes_the_newest_frame(trickle_server: TrickleServe
 async def test_inbox_policies() -> None:
     loop = asyncio.get_running_loop()
     frames = [PatternFrames(16, 16).frame(i) for i in range(3)]
-    latest = _Inbox(loop, Policy.LATEST, queue_frames=4, queue_audio=2)
-    await latest.put(latest.frames, frames[0], 0)
-    await latest.put(latest.frames, frames[1], 1)  # replaces the waiting one
+    latest = _Inbox(loop, Policy.LATEST, queue_frames=4, queue_audio=2, on_skip=lambda _: None)
+    await latest.put_frame(frames[0], 0)
+    await latest.put_frame(frames[1], 1)  # replaces the waiting one
     for pts in range(3):
-        await latest.put(latest.audio, av.Packet(b"a"), pts)  # the third lets the oldest go
+        await latest.put_audio(av.Packet(b"a"), pts)  # the third lets the oldest go
     work = latest.take()
     assert work is not None
     audio, frame = work
@@ -192,25 +197,25 @@ async def test_inbox_policies() -> None:
     assert (latest.frames.received, latest.frames.dropped, latest.frames.waited) == (2, 1, 0)
     assert (latest.audio.received, latest.audio.dropped, latest.audio.waited) == (3, 1, 0)
 
-    block = _Inbox(loop, Policy.BLOCK, queue_frames=2, queue_audio=2)
+    block = _Inbox(loop, Policy.BLOCK, queue_frames=2, queue_audio=2, on_skip=lambda _: None)
     for pts in range(2):
-        await block.put(block.frames, frames[pts], pts)
+        await block.put_frame(frames[pts], pts)
     putting = asyncio.Event()
 
     async def put_third() -> None:
         putting.set()  # put() runs on from here without a pause until it waits for room
-        await block.put(block.frames, frames[2], 2)
+        await block.put_frame(frames[2], 2)
 
     waiting = asyncio.create_task(put_third())
     await putting.wait()
     assert not waiting.done()
     assert await asyncio.to_thread(block.take) == ([], (frames[0], 0))
     await waiting
-    assert [pts for _, pts in block.frames.items] == [1, 2]
+    assert [pts for _, pts in block.video_lane.items] == [1, 2]
     assert (block.frames.received, block.frames.dropped, block.frames.waited) == (3, 0, 1)
     block.close()
     with pytest.raises(RuntimeError, match="not running"):
-        await block.put(block.frames, frames[0], 3)
+        await block.put_frame(frames[0], 3)
 
 
 async def test_channel_closed_by_the_server_surfaces(trickle_server: TrickleServer) -> None:
@@ -330,3 +335,286 @@ async def test_audio_stream_can_join_after_start_until_the_first_submit(
     assert decode(segment).audio_streams == 1
     assert len(decode(segment).audio_pts) == len(packets)
     assert_nothing_left()
+
+
+# -- encoded packets (passthrough) ------------------------------------------------------------
+
+STEP = 3_000  # one frame at 30 fps on the 90 kHz clock
+
+
+def processor_stream(count: int, keyint: int) -> tuple[list[av.Packet], list[np.ndarray[Any, Any]]]:
+    """What a processor returns in passthrough: `count` access units of libx264 (zerolatency,
+    Annex B, an IDR every `keyint` frames) as the owner hands them over (fresh packets with
+    is_keyframe set), and each one's picture decoded in order from the first: the reference."""
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    codec.time_base = CLOCK
+    codec.framerate = Fraction(30)
+    codec.options = {
+        "preset": "ultrafast",
+        "tune": "zerolatency",
+        "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0",
+    }
+    pattern = PatternFrames(WIDTH, HEIGHT)
+    encoded = []
+    for index in range(count):
+        frame = pattern.frame(index)
+        frame.pts = index * STEP
+        encoded += codec.encode(frame)
+    encoded += codec.encode(None)
+    decoder = av.CodecContext.create("h264", "r")
+    pictures = [f.to_ndarray() for packet in encoded for f in decoder.decode(packet)]
+    assert len(encoded) == len(pictures) == count
+    units = []
+    for packet in encoded:
+        unit = av.Packet(bytes(packet))
+        unit.is_keyframe = packet.is_keyframe
+        units.append(unit)
+    return units, pictures
+
+
+def decode_all(segments: list[bytes]) -> list[tuple[int, bool, np.ndarray[Any, Any]]]:
+    """(pts, keyframe, picture) of every frame of the segments played back to back."""
+    out = []
+    with av.open(io.BytesIO(b"".join(segments)), "r", format="mpegts") as container:
+        for frame in container.decode(video=0):
+            assert frame.pts is not None
+            out.append((frame.pts, frame.key_frame, frame.to_ndarray()))
+    return out
+
+
+def assert_each_segment_decodes_alone(segments: list[bytes]) -> None:
+    for data in segments:
+        decoded = decode(data)
+        assert decoded.keyframes[0], decoded.keyframes
+        assert not any(decoded.keyframes[1:])  # one GOP per segment
+
+
+class GatedSegments(GatedPublisher):
+    """A GatedPublisher that tells its segments apart; open at once with `open=True`. (The
+    server keeps the last RING_SLOTS segments: a test with more reads them here.)"""
+
+    def __init__(self, *, open: bool = False) -> None:
+        super().__init__()
+        self.starts: list[int] = []
+        if open:
+            self.gate.set()
+
+    async def segment(self) -> GatedSegments:
+        self.starts.append(len(self.received))
+        return self
+
+    def segments(self) -> list[bytes]:
+        bounds = [*self.starts, len(self.received)]
+        return [b"".join(self.received[a:b]) for a, b in pairwise(bounds)]
+
+
+async def test_packets_are_muxed_as_they_are(trickle_server: TrickleServer) -> None:
+    url = trickle_server.channel_url("packets")
+    units, pictures = processor_stream(60, keyint=15)
+    reader = asyncio.create_task(read_segments(url, count=4))
+    async with Publisher(url) as publisher:
+        pipeline = OutputPipeline(publisher, VideoEncoder(WIDTH, HEIGHT, gop=1.0), policy=Policy.BLOCK)
+        pipeline.start()
+        for index, unit in enumerate(units):
+            await pipeline.submit_packet(unit, index * STEP)
+        await pipeline.stop()
+        segments = await reader
+    assert_nothing_left()
+    assert_each_segment_decodes_alone(segments)
+    out = decode_all(segments)
+    assert [pts for pts, _, _ in out] == [index * STEP for index in range(60)]
+    # The very pictures the processor's stream decodes to: nothing re-encoded, nothing lost.
+    assert all(np.array_equal(picture, pictures[pts // STEP]) for pts, _, picture in out)
+    assert pipeline.encoder.stats.frames == 0
+    stats = pipeline.stats
+    assert (stats.packets_in, stats.packets_dropped, stats.keyframes_requested) == (60, 0, 0)
+
+
+async def test_frames_and_packets_take_turns_and_the_output_stays_decodable() -> None:
+    pattern = PatternFrames(WIDTH, HEIGHT)
+    # The processor's stream, keyframes every 20 of its frames, joins at slot 38 with its frame
+    # 30: slots 38–39 are not after the frames (late), 40–47 wait for its keyframe at slot 48.
+    units, pictures = processor_stream(70, keyint=20)
+    offset = 8  # slot = processor frame + offset
+    submissions: list[tuple[str, int]] = (
+        [("frame", slot) for slot in range(40)]
+        + [("packet", slot) for slot in range(38, 78)]
+        + [("frame", slot) for slot in range(76, 120)]  # 76–77 are not after the packets
+    )
+    publisher = GatedSegments(open=True)
+    encoder = VideoEncoder(WIDTH, HEIGHT, gop=0.5)  # an IDR every 15 frames
+    pipeline = OutputPipeline(publisher, encoder, policy=Policy.BLOCK)  # type: ignore[arg-type]
+    pipeline.start()
+    for kind, slot in submissions:
+        if kind == "frame":
+            await pipeline.submit(pattern.frame(slot), slot * STEP)
+        else:
+            await pipeline.submit_packet(units[slot - offset], slot * STEP)
+    await pipeline.stop()
+    assert_nothing_left()
+    segments = publisher.segments()
+
+    # Frame segments at 0, 15, 30; packet segments at the processor's keyframes (48, 68); the
+    # first frame after the packets is an IDR (78), then 93, 108.
+    assert [decode(data).video_pts[0] // STEP for data in segments] == [0, 15, 30, 48, 68, 78, 93, 108]
+    assert_each_segment_decodes_alone(segments)
+    out = decode_all(segments)
+    slots = [*range(40), *range(48, 78), *range(78, 120)]
+    assert [pts for pts, _, _ in out] == [slot * STEP for slot in slots]  # monotonic throughout
+    passed = [(pts // STEP, picture) for pts, _, picture in out if 48 <= pts // STEP < 78]
+    assert all(np.array_equal(picture, pictures[slot - offset]) for slot, picture in passed)
+    stats = pipeline.stats
+    assert (stats.packets_in, stats.packets_dropped) == (40, 2 + 8)
+    assert (stats.frames_in, stats.frames_late, stats.frames_dropped) == (84, 2, 0)
+    # A keyframe was asked for at slot 40 (packets waiting for one) and 63 (a gop after 48).
+    assert stats.keyframes_requested == 2
+    assert encoder.stats.frames == 40 + 42
+
+
+async def test_a_packet_stream_joins_at_its_first_keyframe(trickle_server: TrickleServer) -> None:
+    url = trickle_server.channel_url("join")
+    units, pictures = processor_stream(30, keyint=10)
+    loop = asyncio.get_running_loop()
+    requests: list[bool] = []  # whether each request came on the event loop
+    reader = asyncio.create_task(read_segments(url, count=2))
+    async with Publisher(url) as publisher:
+        pipeline = OutputPipeline(
+            publisher,
+            VideoEncoder(WIDTH, HEIGHT, gop=2.0),
+            policy=Policy.BLOCK,
+            on_keyframe_overdue=lambda: requests.append(asyncio.get_running_loop() is loop),
+        )
+        pipeline.start()
+        for index in range(3, 30):  # joined mid-GOP: 3–9 refer to pictures the output lacks
+            await pipeline.submit_packet(units[index], index * STEP)
+        await pipeline.stop()
+        segments = await reader
+    assert_nothing_left()
+    assert_each_segment_decodes_alone(segments)
+    out = decode_all(segments)
+    assert [pts // STEP for pts, _, _ in out] == list(range(10, 30))
+    assert all(np.array_equal(picture, pictures[pts // STEP]) for pts, _, picture in out)
+    assert (pipeline.stats.packets_in, pipeline.stats.packets_dropped) == (27, 7)
+    assert pipeline.segmenter.stats.video_dropped == 0  # none reached the segmenter
+    # The first packet that could not be muxed asked for a keyframe at once, and only it.
+    assert requests == [True]
+    assert pipeline.stats.keyframes_requested == 1
+
+
+@pytest.mark.parametrize(("keyint", "requests"), [(60, 3), (15, 0), (12, 0)])
+async def test_a_keyframe_is_requested_when_a_packet_segment_runs_past_the_gop(
+    trickle_server: TrickleServer, keyint: int, requests: int
+) -> None:
+    url = trickle_server.channel_url("overdue")
+    units, _ = processor_stream(60, keyint=keyint)
+    calls: list[bool] = []
+    loop = asyncio.get_running_loop()
+    async with Publisher(url) as publisher:
+        pipeline = OutputPipeline(
+            publisher,
+            VideoEncoder(WIDTH, HEIGHT, gop=0.5),  # 15 frames
+            policy=Policy.BLOCK,
+            on_keyframe_overdue=lambda: calls.append(asyncio.get_running_loop() is loop),
+        )
+        pipeline.start()
+        for index, unit in enumerate(units):
+            await pipeline.submit_packet(unit, index * STEP)
+        await pipeline.stop()
+    # keyint 60: one segment of 60 frames asks at frames 15, 30 and 45 (once per gop); a
+    # keyframe at the gop or before it never needs asking for.
+    assert calls == [True] * requests
+    assert pipeline.stats.keyframes_requested == requests
+    assert pipeline.stats.packets_dropped == 0
+    assert pipeline.segmenter.stats.segments == 60 // keyint
+    assert_nothing_left()
+
+
+async def test_inbox_queues_packets_and_skips_to_a_keyframe_when_full() -> None:
+    loop = asyncio.get_running_loop()
+    skips = asyncio.Event()
+    latest = _Inbox(loop, Policy.LATEST, queue_frames=4, queue_audio=2, on_skip=lambda _: skips.set())
+
+    def unit(name: str) -> av.Packet:
+        packet = av.Packet(name.encode())
+        packet.is_keyframe = name.startswith("K")
+        return packet
+
+    def queued() -> list[str]:
+        return [
+            bytes(item).decode() if isinstance(item, av.Packet) else f"F{pts}"
+            for item, pts in latest.video_lane.items
+        ]
+
+    for pts, name in enumerate(["K0", "P1", "P2", "P3"]):
+        await latest.put_packet(unit(name), pts)
+    assert queued() == ["K0", "P1", "P2", "P3"]  # packets queue: none replaces another
+    await latest.put_packet(unit("P4"), 4)  # full: P1–P3 go, and P4 refers to them
+    assert queued() == ["K0"]
+    await asyncio.wait_for(skips.wait(), 5)
+    await latest.put_packet(unit("P5"), 5)  # skipped up to the next keyframe
+    for pts, name in [(6, "K6"), (7, "P7")]:
+        await latest.put_packet(unit(name), pts)
+    await latest.put_frame(PatternFrames(16, 16).frame(0), 8)
+    await latest.put_frame(PatternFrames(16, 16).frame(1), 9)  # a frame still replaces a frame
+    assert queued() == ["K0", "K6", "P7", "F9"]
+    await latest.put_packet(unit("P10"), 10)
+    assert queued() == ["K0", "K6", "F9"]
+    await latest.put_packet(unit("K11"), 11)
+    await latest.put_packet(unit("K12"), 12)  # keyframes and a frame only: the oldest goes
+    assert queued() == ["K6", "F9", "K11", "K12"]
+    assert (latest.packets.received, latest.packets.dropped, latest.packets.waited) == (11, 8, 0)
+    assert (latest.frames.received, latest.frames.dropped) == (2, 1)
+
+    block = _Inbox(loop, Policy.BLOCK, queue_frames=2, queue_audio=2, on_skip=lambda _: None)
+    await block.put_packet(unit("K0"), 0)
+    await block.put_frame(PatternFrames(16, 16).frame(0), 1)  # frames and packets share the bound
+    putting = asyncio.Event()
+
+    async def put_third() -> None:
+        putting.set()
+        await block.put_packet(unit("P2"), 2)
+
+    waiting = asyncio.create_task(put_third())
+    await putting.wait()
+    assert not waiting.done()
+    work = await asyncio.to_thread(block.take)
+    assert work is not None and work[1] is not None
+    first, _ = work[1]
+    assert isinstance(first, av.Packet) and bytes(first) == b"K0"
+    await waiting
+    assert [pts for _, pts in block.video_lane.items] == [1, 2]  # in the order they came
+    assert (block.packets.received, block.packets.dropped, block.packets.waited) == (2, 0, 1)
+
+
+async def test_live_overflow_drops_packets_up_to_a_keyframe_and_the_output_decodes() -> None:
+    units, pictures = processor_stream(40, keyint=6)
+    publisher = GatedSegments()
+    requests: list[None] = []
+    pipeline = OutputPipeline(
+        publisher,  # type: ignore[arg-type]
+        VideoEncoder(WIDTH, HEIGHT, gop=10.0),
+        sink_bytes=1,  # with the gate shut the encode thread blocks on its first packet
+        on_keyframe_overdue=lambda: requests.append(None),
+    )
+    pipeline.start()
+    for index, unit in enumerate(units):  # Policy.LATEST: never waits
+        await pipeline.submit_packet(unit, index * STEP)
+    publisher.gate.set()
+    await pipeline.stop()
+    assert_nothing_left()
+
+    segments = publisher.segments()
+    assert_each_segment_decodes_alone(segments)
+    muxed = [pts // STEP for pts, _, _ in decode_all(segments)]
+    stats = pipeline.stats
+    assert stats.packets_dropped > 0
+    assert stats.packets_in == 40 == len(muxed) + stats.packets_dropped
+    assert muxed == sorted(muxed)
+    # Nothing refers to a picture the output lacks: every packet but a keyframe follows the
+    # processor frame before it, and decodes to the very picture it did there.
+    assert all(units[index].is_keyframe or index - 1 in muxed for index in muxed)
+    out = decode_all(segments)
+    assert all(np.array_equal(picture, pictures[pts // STEP]) for pts, _, picture in out)
+    # Skipping asks for a keyframe: once, though it skipped again and again within the gop.
+    assert len(requests) == stats.keyframes_requested == 1

@@ -23,9 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
+from relay_server.media.testsource import publish_pattern
 from relay_server.processor import ProcessorServer
 from relay_server.service.server import SERVICE_NAME
 from relay_server.session.session import SessionSnapshot
+from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
 from tests.service.conftest import (
     GRAYSCALE,
@@ -208,6 +210,46 @@ async def test_a_session_runs_is_steered_and_stops_through_the_api(
     assert not leftover, leftover
 
 
+async def test_zero_transcode_modes_through_the_api(
+    trickle_server: TrickleServer,
+    live_source: LiveSource,
+    relay: Relay,
+    make_output: MakeOutput,
+    make_watcher: MakeWatcher,
+) -> None:
+    """AUTO on the 1280×720 source (not the session's size: transcoded, and why), and PASSTHROUGH
+    on a 512×512 one (forwarded, nothing decoded); both remux the processor's output."""
+    square = Publisher(trickle_server.channel_url("square"))
+    await square.create_channel()
+    publishing = asyncio.create_task(publish_pattern(square, SIZE, SIZE))
+    try:
+        async with ProcessorServer() as first, ProcessorServer() as second:
+            cases = [
+                ("auto", live_source.url, first.url, pb.SESSION_MODE_AUTO, "encode", "1280x720"),
+                ("pass", square.url, second.url, pb.SESSION_MODE_PASSTHROUGH, "forward", "512x512"),
+            ]
+            for session_id, source, processor_url, mode, send_path, reason in cases:
+                request = start_request(session_id, source, processor_url, mode=mode)
+                output = make_output(request.publish_url)
+                await relay.stub.StartSession(request)
+                watcher = make_watcher(relay.stub, session_id, 0.25)
+                await watcher.until(lambda s: s.stats.frames_returned > 10, within=15)
+                stats = watcher.sessions[-1].stats
+                assert watcher.sessions[-1].config.mode == mode
+                assert (stats.send_path, stats.output_path) == (send_path, "remux")
+                assert reason in stats.send_path_reason and stats.output_path_reason
+                assert stats.frames_encoded == 0  # remuxed, not encoded
+                if send_path == "forward":
+                    assert stats.frames_decoded == 0
+                frames = await output.wait_for(1)
+                assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
+                await relay.stub.StopSession(pb.StopSessionRequest(session_id=session_id))
+    finally:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await square.close()
+
+
 # -- b. many watchers ------------------------------------------------------------------------------
 
 
@@ -346,8 +388,18 @@ PRESETS = "ultrafast, superfast, veryfast, faster, fast, medium, slow, slower, v
         ({"width": 511}, [("width", "must be even, 2..4096, got 511")]),
         ({"height": 4098}, [("height", "must be even, 2..4096, got 4098")]),
         ({"encoder": pb.EncoderSettings(preset="warp")}, [("encoder.preset", f"must be one of {PRESETS}")]),
+        ({"mode": 7}, [("mode", "unknown value 7")]),
     ],
-    ids=["session_id", "long_session_id", "missing_urls", "non_http_urls", "odd_width", "height", "preset"],
+    ids=[
+        "session_id",
+        "long_session_id",
+        "missing_urls",
+        "non_http_urls",
+        "odd_width",
+        "height",
+        "preset",
+        "mode",
+    ],
 )
 async def test_invalid_argument_for_a_bad_start_request(
     relay: Relay,

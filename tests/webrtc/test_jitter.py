@@ -1,15 +1,25 @@
-"""MarkerJitterBuffer: a frame leaves as soon as its marked last packet is in."""
+"""MarkerJitterBuffer: a frame leaves as soon as its marked last packet is in, to the decoder or
+to a tap; keyframe requests to the sender."""
 
 from __future__ import annotations
 
+import asyncio
+from itertools import pairwise
+
+import av
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
-from relay_server.webrtc.jitter import MarkerJitterBuffer
+from relay_server.media.h264 import is_idr
+from relay_server.webrtc.jitter import MarkerJitterBuffer, install, request_keyframe
+from tests.processor.client import HEIGHT, WIDTH, PatternTrack
+from tests.webrtc.support import Changes
 
 
 def packet(seq: int, timestamp: int, data: bytes, *, marker: bool = False) -> RtpPacket:
-    rtp = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=int(marker))
+    rtp = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=int(marker), ssrc=0x1234)
     rtp._data = data  # type: ignore[attr-defined]  # what aiortc's depayloader sets
     return rtp
 
@@ -44,3 +54,118 @@ def test_a_frame_whose_marked_packet_was_lost_leaves_when_the_next_one_starts() 
     assert frame is not None and (frame.data, frame.timestamp) == (b"x", 90)
     frame = buffer.add(packet(3, 180, b"!", marker=True))[1]
     assert frame is not None and frame.data == b"next!"
+
+
+# Annex B access units as aiortc's depayloader leaves them: start codes, then NAL units.
+SPS, PPS = b"\x00\x00\x00\x01\x67\x42", b"\x00\x00\x00\x01\x68\xce"
+IDR = SPS + PPS + b"\x00\x00\x00\x01\x65\x88\x84"
+P = b"\x00\x00\x00\x01\x41\x9a\x02"
+
+
+def test_a_tap_takes_every_complete_frame_from_the_decoder() -> None:
+    buffer = MarkerJitterBuffer()
+    tapped: list[tuple[bytes, int]] = []
+    buffer.tap = lambda data, timestamp: tapped.append((data, timestamp))
+    assert buffer.add(packet(1, 3000, IDR[:9]))[1] is None
+    assert buffer.add(packet(2, 3000, IDR[9:], marker=True)) == (False, None)
+    assert buffer.add(packet(3, 6000, P, marker=True)) == (False, None)
+    assert tapped == [(IDR, 3000), (P, 6000)]
+    assert buffer.tapped == 2
+    assert buffer.ssrc == 0x1234
+
+
+def test_cleared_the_decoder_resumes_at_the_next_keyframe() -> None:
+    buffer = MarkerJitterBuffer()
+    tapped: list[int] = []
+    buffer.tap = lambda _, timestamp: tapped.append(timestamp)
+    buffer.add(packet(1, 3000, IDR, marker=True))
+    buffer.tap = None
+    # The decoder missed the frame at 3000: a P-frame would decode to a smeared picture.
+    assert buffer.add(packet(2, 6000, P, marker=True)) == (False, None)
+    assert buffer.withheld == 1
+    frame = buffer.add(packet(3, 9000, IDR, marker=True))[1]
+    assert frame is not None and (frame.data, frame.timestamp) == (IDR, 9000)
+    frame = buffer.add(packet(4, 12000, P, marker=True))[1]  # and normal release from then on
+    assert frame is not None and frame.data == P
+    assert tapped == [3000] and buffer.withheld == 1
+
+
+def test_a_failing_tap_costs_its_frame_only(caplog: pytest.LogCaptureFixture) -> None:
+    buffer = MarkerJitterBuffer()
+
+    def tap(data: bytes, timestamp: int) -> None:
+        raise ValueError("owner bug")
+
+    buffer.tap = tap
+    assert buffer.add(packet(1, 3000, IDR, marker=True)) == (False, None)
+    assert "tap failed" in caplog.text
+    assert buffer.add(packet(2, 6000, P, marker=True)) == (False, None)
+
+
+def test_install_says_when_aiortc_moved_the_buffer() -> None:
+    assert install(object()) is None
+    assert request_keyframe(object()) is False
+
+
+async def test_tapped_access_units_decode_and_a_keyframe_comes_on_request() -> None:
+    """Real peers on loopback: aiortc's stock H.264 encoder sends the pattern, the receiver's
+    frames go to the tap (none to its decoder), and a PLI from request_keyframe() brings an IDR
+    within a few frames, where the encoder's own GOP is 250 frames."""
+    loop = asyncio.get_running_loop()
+    changes = Changes()
+    sender_pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    receiver_pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        transceiver = sender_pc.addTransceiver(PatternTrack(), direction="sendonly")
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences(
+            [c for c in codecs if c.mimeType.lower() in ("video/h264", "video/rtx")]
+        )
+        sender = transceiver.sender
+        plis: list[int] = []  # units tapped when each PLI reached the sender
+        send_keyframe = sender._send_keyframe
+
+        def on_pli() -> None:
+            plis.append(len(units))
+            send_keyframe()
+
+        sender._send_keyframe = on_pli  # type: ignore[method-assign]  # watch PLIs arrive
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        receiver = receiver_pc.getTransceivers()[0].receiver
+        buffer = install(receiver)
+        assert buffer is not None
+        units: list[tuple[bytes, int]] = []
+
+        def tap(data: bytes, timestamp: int) -> None:
+            assert asyncio.get_running_loop() is loop
+            units.append((data, timestamp))
+            changes.notify()
+
+        buffer.tap = tap
+        assert request_keyframe(receiver) is False  # no packet yet: no SSRC to ask
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+
+        await changes.until(lambda: len(units) >= 10, 20, "10 access units tapped")
+        decoder = av.CodecContext.create("h264", "r")
+        decoded = [frame for data, _ in units[:10] for frame in decoder.decode(av.Packet(data))]
+        assert len(decoded) == 10
+        assert all((frame.width, frame.height) == (WIDTH, HEIGHT) for frame in decoded)
+        assert [is_idr(data) for data, _ in units[:10]] == [True] + [False] * 9
+        assert all(b - a == 3000 for (_, a), (_, b) in pairwise(units[:10]))  # 30 fps, 90 kHz
+
+        assert request_keyframe(receiver) is True
+        await changes.until(lambda: bool(plis), 5, "the PLI at the sender")
+        await changes.until(lambda: len(units) >= plis[0] + 5, 5, "5 more access units")
+        assert any(is_idr(data) for data, _ in units[plis[0] : plis[0] + 5]), plis
+
+        # Back to decoding: what the decoder would smear is withheld until the next keyframe.
+        buffer.tap = None
+        assert request_keyframe(receiver) is True
+        frame = await asyncio.wait_for(receiver.track.recv(), 5)
+        assert isinstance(frame, av.VideoFrame) and (frame.width, frame.height) == (WIDTH, HEIGHT)
+        assert len(plis) == 2
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()

@@ -1,0 +1,102 @@
+"""AccessUnits: encoded video access units from the decode thread to the loop, in order, bounded.
+
+    decode thread ─put(packet)─▶ deque (≤ capacity) ─▶ take() on the loop
+
+The zero-transcode send path forwards the input's H.264 as it is. Unlike decoded frames, access
+units cannot be replaced by newer ones: a P-frame refers to the one before it, so dropping one
+breaks every picture up to the next keyframe. So the units queue in order, and when the consumer
+falls `capacity` behind, what is queued goes and so does everything up to the next keyframe
+(counted in `dropped`): the picture resumes cleanly one GOP later instead of smearing. With
+`wait=True` (catch-up) put() waits for room instead, and nothing is dropped.
+
+After the consumer repeated the last keyframe (the input stalled and the processor must keep
+seeing frames), the units that follow refer to pictures the processor no longer holds last:
+resume_at_keyframe() makes the queue skip to the next keyframe too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import av
+
+# Units waiting for the sender: a quarter of a second at 30 fps, a few frames more than the
+# pacer ever holds back live.
+CAPACITY = 8
+
+
+class AccessUnits:
+    """put() on the decode thread; take(), resume_at_keyframe() on the loop; release() anywhere."""
+
+    def __init__(self, capacity: int = CAPACITY, *, wait: bool = False) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.wait = wait
+        self.put_count = 0  # units handed over by the decode thread
+        self.taken = 0
+        self.dropped = 0  # units let go: overflow, or waiting for a keyframe
+        self.last_keyframe: av.Packet | None = None  # the newest keyframe taken
+        self._cond = threading.Condition()
+        self._units: deque[av.Packet] = deque()
+        self._skipping = False  # until the next keyframe
+        self._released = False
+        self._ready: Callable[[], object] | None = None
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def set_ready_callback(self, callback: Callable[[], object] | None) -> None:
+        """Called on the decode thread after every put() that queued a unit."""
+        self._ready = callback
+
+    def put(self, unit: av.Packet) -> None:
+        """On the decode thread: queue `unit` (its is_keyframe set), or drop it (counted)."""
+        with self._cond:
+            if self.wait:
+                self._cond.wait_for(lambda: len(self._units) < self.capacity or self._released)
+                if self._released:
+                    return
+            self.put_count += 1
+            if self._skipping and not unit.is_keyframe:
+                self.dropped += 1
+                return
+            self._skipping = False
+            if len(self._units) >= self.capacity:
+                self.dropped += len(self._units)
+                self._units.clear()
+                if not unit.is_keyframe:
+                    self.dropped += 1
+                    self._skipping = True
+                    return
+            self._units.append(unit)
+        if self._ready is not None:
+            self._ready()
+
+    def take(self) -> av.Packet | None:
+        """On the loop: the oldest unit, or None."""
+        with self._cond:
+            if not self._units:
+                return None
+            unit = self._units.popleft()
+            self.taken += 1
+            if unit.is_keyframe:
+                self.last_keyframe = unit
+            self._cond.notify()
+            return unit
+
+    def resume_at_keyframe(self) -> None:
+        """Drop what is queued and what follows, up to the next keyframe."""
+        with self._cond:
+            self.dropped += len(self._units)
+            self._units.clear()
+            self._skipping = True
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        """Any thread: put() never waits from now on (nobody takes units any more)."""
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()

@@ -1,0 +1,87 @@
+"""Which way the video crosses the relay: transcoded, or forwarded as it is (zero-transcode).
+
+Decoding H.264 only to encode it again for WebRTC, and decoding the processor's H.264 only to
+encode it again for MPEG-TS, is most of a relay's CPU. When the input already suits the
+processor, the relay can forward its access units into RTP (send leg: "forward") and mux the
+processor's returned access units into the output (output leg: "remux").
+
+- VideoMode.TRANSCODE: decode and encode on both legs, whatever the input.
+- VideoMode.PASSTHROUGH: forward and remux; an input that does not qualify fails the session.
+- VideoMode.AUTO: forward while the input qualifies, encode while it does not, switching at
+  the input's keyframes; the output is remuxed either way (the processor's H.264 does not depend
+  on what it was sent).
+
+InputRoute runs on the decode thread and decides, access unit by access unit, with the
+Qualifier (media/h264.py): a unit it forwards goes to AccessUnits and is not decoded.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import av
+
+from relay_server.media.h264 import ParameterSets, Qualifier, Verdict
+from relay_server.media.units import AccessUnits
+
+
+class VideoMode(enum.Enum):
+    TRANSCODE = "transcode"
+    PASSTHROUGH = "passthrough"
+    AUTO = "auto"
+
+
+class NotQualified(RuntimeError):
+    """A passthrough session's input cannot be forwarded as it is."""
+
+
+@dataclass(frozen=True)
+class PathStats:
+    send: str  # "forward": the input's access units as they are; "encode": decoded, encoded again
+    send_reason: str
+    output: str  # "remux": the processor's access units as they are; "encode"
+    output_reason: str
+    switches: int  # times the send leg switched between forward and encode
+    units_skipped: int  # input units neither forwarded nor decoded: waiting for a keyframe
+
+
+class InputRoute:
+    """on_video_packet for a Decoder: forwards the units the Qualifier lets through (True: not
+    decoded), hands the rest to the decoder. `on_verdict` is called, on the decode thread, with
+    each new decision."""
+
+    def __init__(
+        self, width: int, height: int, units: AccessUnits, on_verdict: Callable[[Verdict], None]
+    ) -> None:
+        self.units = units
+        self.skipped = 0
+        self._qualifier = Qualifier(width, height)
+        self._parameter_sets = ParameterSets()
+        self._on_verdict = on_verdict
+        self._forwarding = False
+        self._await_keyframe = False  # decoding resumed mid-GOP: its references were forwarded
+
+    def __call__(self, packet: av.Packet) -> bool:
+        data = bytes(packet)
+        verdict = self._qualifier.check(data, packet.pts, packet.dts)
+        if verdict is not None:
+            if self._forwarding and not verdict.passthrough and not packet.is_keyframe:
+                self._await_keyframe = True
+            self._forwarding = verdict.passthrough
+            self._on_verdict(verdict)
+        if not self._forwarding:
+            if self._await_keyframe and not packet.is_keyframe:
+                self.skipped += 1
+                return True  # the decoder would only conceal errors until the next keyframe
+            self._await_keyframe = False
+            return False
+        complete = self._parameter_sets.complete(data)
+        if complete is not data:  # an IDR without SPS and PPS: the processor needs them
+            unit = av.Packet(complete)
+            unit.pts, unit.dts, unit.time_base = packet.pts, packet.dts, packet.time_base
+            unit.is_keyframe = True
+            packet = unit
+        self.units.put(packet)
+        return True

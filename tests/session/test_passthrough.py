@@ -1,0 +1,158 @@
+"""Zero-transcode: the input's H.264 forwarded to a real processor, its H.264 remuxed to the output.
+
+The processor is the embedded one in passthrough: it decodes what it is sent and encodes what it
+returns (aiortc's stock H.264), so output frames match their input frames up to that lossy
+re-encode. It queues its input as ComfyStream does (by default it keeps only the newest of
+frames that arrive together, which a busy test machine makes happen). Frames are matched by the index drawn in their pixels (tests/media/clips.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import threading
+
+import av
+import numpy as np
+import pytest
+
+from relay_server.processor import Knobs, ProcessorServer
+from relay_server.session.paths import NotQualified, VideoMode
+from relay_server.session.relay import Relay
+from relay_server.trickle import Publisher
+from relay_server.trickle.server import TrickleServer
+from tests.media.clips import Clip, ClipSpec, make_clip, read_index
+from tests.session.test_relay import OUR_THREADS, SIZE, publish_live, session
+
+FIFO = Knobs(queue=16)
+PSNR_MIN = 35.0  # dB, as the processor's own re-encode allows
+QUALIFIES = ClipSpec(width=SIZE, height=SIZE, frames=90, gop=15)
+B_FRAMES = ClipSpec(width=SIZE, height=SIZE, frames=60, gop=15, b_frames=2)
+
+
+def decoded(data: bytes) -> list[av.VideoFrame]:
+    with av.open(io.BytesIO(data), format="mpegts") as container:
+        return list(container.decode(video=0))
+
+
+def psnr(a: av.VideoFrame, b: av.VideoFrame) -> float:
+    x = a.to_ndarray(format="gray").astype(np.float64)
+    y = b.to_ndarray(format="gray").astype(np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def by_index(frames: list[av.VideoFrame]) -> dict[int, av.VideoFrame]:
+    return {read_index(frame): frame for frame in frames}
+
+
+def accounted(drops: dict[str, int]) -> int:
+    """Frames the relay let go, for latency or to resume at a keyframe (never bad input here)."""
+    assert drops["input_corrupt"] == 0
+    return sum(count for reason, count in drops.items() if reason != "audio_not_carried")
+
+
+def check_output(segments: list[bytes]) -> list[av.VideoFrame]:
+    """Every segment starts on a keyframe; the whole output decodes with increasing timestamps."""
+    for data in segments:
+        with av.open(io.BytesIO(data), format="mpegts") as container:
+            packets = [p for p in container.demux(video=0) if p.size]
+        assert packets and packets[0].is_keyframe
+    frames = decoded(b"".join(segments))
+    assert all(b.pts > a.pts for a, b in itertools.pairwise(frames))
+    return frames
+
+
+async def test_passthrough_forwards_and_remuxes_without_decoding_or_encoding(
+    trickle_server: TrickleServer,
+) -> None:
+    clip = make_clip(QUALIFIES)
+    async with (
+        ProcessorServer(knobs=FIFO) as processor,
+        session(trickle_server, processor.url, video_mode=VideoMode.PASSTHROUGH) as s,
+    ):
+        await publish_live(s.source, clip)
+        await s.source.close()
+    stats = s.relay.stats
+    assert (stats.paths.send, stats.paths.output) == ("forward", "remux")
+    assert "512x512" in stats.paths.send_reason and stats.paths.switches == 0
+    # Nothing decoded or encoded by the relay: every input unit went out as it was.
+    assert stats.decoder.frames == 0 and stats.decoder.forwarded == QUALIFIES.frames
+    assert stats.encoder.frames == 0 and stats.link.encoder.frames == 0
+    assert stats.link.send.forwarded >= QUALIFIES.frames - stats.units_dropped
+    frames = check_output(s.output.segments)
+    inputs = by_index(decoded(clip.data))
+    outputs = by_index(frames)
+    assert len(outputs) >= QUALIFIES.frames - 2  # the processor's jitter buffer may keep the last
+    scores = [psnr(outputs[index], inputs[index]) for index in outputs]
+    assert min(scores) >= PSNR_MIN, f"PSNR {min(scores):.1f} dB"
+
+
+async def test_auto_falls_back_to_transcode_for_an_input_that_does_not_qualify(
+    trickle_server: TrickleServer,
+) -> None:
+    clip = make_clip(B_FRAMES)
+    async with (
+        ProcessorServer(knobs=FIFO) as processor,
+        session(trickle_server, processor.url, video_mode=VideoMode.AUTO) as s,
+    ):
+        await publish_live(s.source, clip)
+        await s.source.close()
+    stats = s.relay.stats
+    assert stats.paths.send == "encode" and "B-frames" in stats.paths.send_reason
+    assert stats.paths.output == "remux"  # the processor's H.264 is remuxed all the same
+    assert stats.decoder.frames == B_FRAMES.frames and stats.decoder.forwarded == 0
+    frames = check_output(s.output.segments)
+    # Decoded B-frames come out of the decoder in bursts, and latest-wins lets some go (counted).
+    assert len(by_index(frames)) + accounted(stats.drops) >= B_FRAMES.frames - 2
+
+
+async def test_passthrough_fails_a_session_whose_input_does_not_qualify(
+    trickle_server: TrickleServer,
+) -> None:
+    clip = make_clip(ClipSpec(width=640, height=360, frames=30, gop=15))
+    source = Publisher(trickle_server.channel_url("in"))
+    await source.create_channel()
+    async with ProcessorServer(knobs=FIFO) as processor:
+        relay = Relay(
+            trickle_server.channel_url("in"),
+            trickle_server.channel_url("out"),
+            processor.url,
+            width=SIZE,
+            height=SIZE,
+            video_mode=VideoMode.PASSTHROUGH,
+        )
+        publishing = asyncio.create_task(publish_live(source, clip))
+        try:
+            with pytest.raises(NotQualified, match="640x360"):
+                await asyncio.wait_for(relay.run(), 20)
+        finally:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await source.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
+
+
+async def test_auto_switches_mid_stream_and_the_output_stays_valid(trickle_server: TrickleServer) -> None:
+    """Qualifying, then B-frames, then qualifying again, on one channel: forward → encode →
+    forward, switching at keyframes; the output decodes throughout."""
+    parts: list[Clip] = [make_clip(QUALIFIES), make_clip(B_FRAMES), make_clip(QUALIFIES)]
+    async with (
+        ProcessorServer(knobs=FIFO) as processor,
+        session(trickle_server, processor.url, video_mode=VideoMode.AUTO) as s,
+    ):
+        for clip in parts:
+            await publish_live(s.source, clip)
+        await s.source.close()
+    stats = s.relay.stats
+    assert stats.paths.switches == 2 and stats.paths.send == "forward"
+    assert stats.decoder.frames == B_FRAMES.frames
+    assert stats.decoder.forwarded == 2 * QUALIFIES.frames
+    frames = check_output(s.output.segments)
+    total = sum(clip.spec.frames for clip in parts)
+    # Every input frame was sent or counted where it went; every frame that came back is in the
+    # output (remuxed: nothing replaced), decodable; the processor's jitter buffer may keep the
+    # last one.
+    assert stats.link.send.frames + accounted(stats.drops) == total
+    assert len(frames) == stats.frames_returned >= stats.link.send.frames - 1
