@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--gop", type=float, metavar="S", help="seconds between output keyframes (default 2)")
     start.add_argument("--scale-mode", choices=sorted(SCALE_MODES), help="fit to the processor size")
     start.add_argument("--fill", choices=sorted(FILLS), help="output while no processed frame returns")
-    start.add_argument("--mode", choices=sorted(MODES), help="transcode (default), or forward H.264 as it is")
+    start.add_argument(
+        "--mode", choices=sorted(MODES), help="auto (default): forward H.264 as it is when it qualifies"
+    )
     start.add_argument("--allow-shared-processor", action="store_true", help="share the processor URL")
     start.add_argument("--offer-timeout", type=float, metavar="S", help="processor answer deadline (60 s)")
 

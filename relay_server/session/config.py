@@ -71,7 +71,7 @@ class SessionConfig:
     allow_shared_processor: bool = False
     fill: FillMode = FillMode.REPEAT
     offer_timeout: float = 60.0
-    mode: VideoMode = VideoMode.TRANSCODE
+    mode: VideoMode = VideoMode.AUTO
 
     @property
     def urls(self) -> dict[str, str]:

@@ -15,10 +15,11 @@ never stall (FillMode.REPEAT, the default) or holds: nothing until frames return
 Zero-transcode (paths.py): with `video_mode` PASSTHROUGH or AUTO the decode thread forwards
 the input's access units that qualify (LatestFrame gives them to the sender beside decoded
 frames), and the processor's returned access units are muxed into the output as they are
-(remux: neither decoded nor encoded). A remuxed output cannot repeat a frame it never decoded:
-while none come back it holds, whatever `fill` says. Its segments follow the processor's
-keyframes; when one runs past the gop, the processor is asked for a keyframe (RTCP PLI), and if
-none comes after KEYFRAME_REQUESTS asks the output falls back to decoding and encoding.
+(remux: neither decoded nor encoded). A remuxed output has no decoded frame to repeat: when a
+gap begins, the processor's last GOP is decoded once (media/lastpicture.py) for the fill. Its
+segments follow the processor's keyframes; when one runs past the gop, the processor is asked
+for a keyframe (RTCP PLI), and if none comes after KEYFRAME_REQUESTS asks the output falls back
+to decoding and encoding.
 
 The input's audio (AAC or Opus) is carried unchanged, laid on the same clock where its video
 comes back (audio.py), unless drop_audio.
@@ -44,6 +45,7 @@ from relay_server.media.feeder import FeedStats
 from relay_server.media.h264 import Verdict, is_idr
 from relay_server.media.handoff import LatestFrame
 from relay_server.media.input import MediaInput
+from relay_server.media.lastpicture import LastPicture, decode_last
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
 from relay_server.media.scaler import ScaleMode
 from relay_server.media.segmenter import AudioInfo, SegmenterStats
@@ -173,6 +175,7 @@ class Relay:
             on_keyframe_overdue=self._keyframe_overdue if zero_transcode else None,
         )
         self._units = AccessUnits(wait=catch_up) if zero_transcode else None
+        self._pictures = LastPicture() if zero_transcode else None  # what a remuxed output shows
         self._frames = LatestFrame(width, height, wait=catch_up, units=self._units)
         self._route = (
             InputRoute(width, height, self._units, self._on_verdict) if self._units is not None else None
@@ -390,7 +393,9 @@ class Relay:
         packet.is_keyframe = is_idr(unit)
         if packet.is_keyframe:
             self._keyframe_requests = 0
-        self._last, self._last_return = None, arrival  # nothing decoded to repeat: the output holds
+        if self._pictures is not None:
+            self._pictures.add(unit, packet.is_keyframe)
+        self._last, self._last_return = None, arrival  # decoded only if a gap needs it
         self._audio.frame_returned()
         await self._pipeline.submit_packet(packet, self._pts(arrival))
 
@@ -398,6 +403,17 @@ class Relay:
         self._last, self._last_return = frame, arrival
         self._audio.frame_returned()
         await self._pipeline.submit(frame, self._pts(arrival))
+
+    async def _decode_last_picture(self) -> None:
+        """A gap in a remuxed output begins: decode the processor's last GOP, once, off the loop."""
+        if self._pictures is None:
+            return
+        units, returned = self._pictures.units(), self._last_return
+        self._pictures.clear()
+        if units:
+            picture = await asyncio.to_thread(decode_last, units)
+            if self._last_return == returned:  # nothing newer came back meanwhile
+                self._last = picture
 
     async def _fill(self) -> None:
         """Repeat the last frame into the output while none come back (FillMode.REPEAT). Sleeps
@@ -410,6 +426,8 @@ class Relay:
             now = time.monotonic()
             if self._frames.ended:
                 return  # the input has ended: so does the output, without a tail of repeats
+            if self._last is None and now - self._last_return >= self.fill_after:
+                await self._decode_last_picture()
             if self._last is None:
                 wake = now + self.fill_after  # nothing returned yet: nothing to repeat
             elif now - self._last_return < self.fill_after:

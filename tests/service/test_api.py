@@ -124,9 +124,11 @@ async def test_a_session_runs_is_steered_and_stops_through_the_api(
     assert config.offer_timeout.ToSeconds() == 60
     assert config.scale_mode == pb.SCALE_MODE_LETTERBOX and config.output_fill == pb.OUTPUT_FILL_REPEAT
     assert [json_format.MessageToDict(p) for p in config.prompts] == [INVERT]
+    assert config.mode == pb.SESSION_MODE_AUTO
     assert [q.name for q in first.stats.queues] == [
         "input_bytes",
         "decoded_frames",
+        "input_units",
         "processor_in_flight",
         "returned_frames",
         "output_bytes",
@@ -150,7 +152,11 @@ async def test_a_session_runs_is_steered_and_stops_through_the_api(
     assert counters[-1][0] > counters[0][0] and counters[-1][1] > counters[0][1], counters
     stats = steady[-1][1].stats
     assert stats.webrtc_state == "connected" and stats.fast_path in ("cython", "python")
-    assert stats.frames_encoded > 0 and stats.segments_out > 0 and stats.bytes_out > 0
+    # AUTO: the 1280×720 input is not the session's size, so it is decoded and scaled; the
+    # processor's output is remuxed.
+    assert (stats.send_path, stats.output_path) == ("encode", "remux")
+    assert "1280x720" in stats.send_path_reason
+    assert stats.frames_encoded == 0 and stats.segments_out > 0 and stats.bytes_out > 0
     assert stats.latency.HasField("p50") and 0 < stats.latency.p50.ToMilliseconds() < 1000
 
     # The 60 s watcher: its first snapshot, then RUNNING as soon as it happened.
@@ -179,14 +185,14 @@ async def test_a_session_runs_is_steered_and_stops_through_the_api(
     stopped = await stub.StopSession(pb.StopSessionRequest(session_id="life"))
     assert stopped.session.state == STOPPED
     assert stopped.session.reason == "stopped by request"
-    assert stopped.session.stats.frames_encoded > 0
+    assert stopped.session.stats.frames_returned > 0
     assert await output.ended() in ("closed", "not_found")
     assert trickle_server.snapshot("out") is None
     for watcher in (ticking, changes):
         assert await watcher.ended() == grpc.StatusCode.OK
         last = watcher.sessions[-1]
         assert (last.state, last.reason) == (STOPPED, "stopped by request")
-    assert changes.sessions[-1].stats.frames_encoded == stopped.session.stats.frames_encoded
+    assert changes.sessions[-1].stats.frames_returned == stopped.session.stats.frames_returned
     got = await stub.GetSession(pb.GetSessionRequest(session_id="life"))
     assert got.session.state == STOPPED
     listed = await stub.ListSessions(pb.ListSessionsRequest())

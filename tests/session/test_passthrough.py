@@ -3,7 +3,8 @@
 The processor is the embedded one in passthrough: it decodes what it is sent and encodes what it
 returns (aiortc's stock H.264), so output frames match their input frames up to that lossy
 re-encode. It queues its input as ComfyStream does (by default it keeps only the newest of
-frames that arrive together, which a busy test machine makes happen). Frames are matched by the index drawn in their pixels (tests/media/clips.py).
+frames that arrive together, which a busy test machine makes happen). Frames are matched by the
+index drawn in their pixels (tests/media/clips.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.session.test_relay import OUR_THREADS, SIZE, publish_live, session
 FIFO = Knobs(queue=16)
 PSNR_MIN = 35.0  # dB, as the processor's own re-encode allows
 QUALIFIES = ClipSpec(width=SIZE, height=SIZE, frames=90, gop=15)
+SMALLER = ClipSpec(width=640, height=360, frames=30, gop=15)
 B_FRAMES = ClipSpec(width=SIZE, height=SIZE, frames=60, gop=15, b_frames=2)
 
 
@@ -111,7 +113,7 @@ async def test_auto_falls_back_to_transcode_for_an_input_that_does_not_qualify(
 async def test_passthrough_fails_a_session_whose_input_does_not_qualify(
     trickle_server: TrickleServer,
 ) -> None:
-    clip = make_clip(ClipSpec(width=640, height=360, frames=30, gop=15))
+    clip = make_clip(SMALLER)
     source = Publisher(trickle_server.channel_url("in"))
     await source.create_channel()
     async with ProcessorServer(knobs=FIFO) as processor:
@@ -135,24 +137,29 @@ async def test_passthrough_fails_a_session_whose_input_does_not_qualify(
 
 
 async def test_auto_switches_mid_stream_and_the_output_stays_valid(trickle_server: TrickleServer) -> None:
-    """Qualifying, then B-frames, then qualifying again, on one channel: forward → encode →
-    forward, switching at keyframes; the output decodes throughout."""
-    parts: list[Clip] = [make_clip(QUALIFIES), make_clip(B_FRAMES), make_clip(QUALIFIES)]
+    """Qualifying, then another size, qualifying again, then B-frames, on one channel: forward →
+    encode → forward → encode, switching at keyframes; the output decodes throughout."""
+    parts: list[Clip] = [make_clip(QUALIFIES), make_clip(SMALLER), make_clip(QUALIFIES), make_clip(B_FRAMES)]
+    reasons: list[str] = []
     async with (
         ProcessorServer(knobs=FIFO) as processor,
         session(trickle_server, processor.url, video_mode=VideoMode.AUTO) as s,
     ):
         for clip in parts:
             await publish_live(s.source, clip)
+            reasons.append(s.relay.stats.paths.send_reason)
         await s.source.close()
     stats = s.relay.stats
-    assert stats.paths.switches == 2 and stats.paths.send == "forward"
-    assert stats.decoder.frames == B_FRAMES.frames
+    assert stats.paths.switches == 3 and stats.paths.send == "encode"
+    assert "640x360" in reasons[1] and "B-frames" in stats.paths.send_reason
+    assert stats.decoder.frames == SMALLER.frames + B_FRAMES.frames
     assert stats.decoder.forwarded == 2 * QUALIFIES.frames
     frames = check_output(s.output.segments)
+    assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
     total = sum(clip.spec.frames for clip in parts)
     # Every input frame was sent or counted where it went; every frame that came back is in the
     # output (remuxed: nothing replaced), decodable; the processor's jitter buffer may keep the
     # last one.
     assert stats.link.send.frames + accounted(stats.drops) == total
     assert len(frames) == stats.frames_returned >= stats.link.send.frames - 1
+    assert stats.decoder.corrupt_packets == stats.decoder.damaged_frames == 0

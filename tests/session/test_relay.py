@@ -22,6 +22,7 @@ import pytest
 from relay_server.backoff import Backoff
 from relay_server.media.testsource import publish_pattern
 from relay_server.processor import Knobs, ProcessorServer
+from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode, Relay
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
@@ -149,15 +150,19 @@ async def test_frames_go_through_the_processor_to_the_output(
 
 
 @pytest.mark.parametrize("fill", [FillMode.REPEAT, FillMode.HOLD])
+@pytest.mark.parametrize("video_mode", [VideoMode.TRANSCODE, VideoMode.AUTO])
 async def test_a_restarted_processor_brings_the_session_back(
-    trickle_server: TrickleServer, fill: FillMode
+    trickle_server: TrickleServer, fill: FillMode, video_mode: VideoMode
 ) -> None:
+    """AUTO on this input (not the session's size) encodes the send leg and remuxes the output:
+    the fill then repeats the processor's last picture, decoded when the gap began."""
     processor = ProcessorServer()
     await processor.start()
     port = processor.port
     publishing: asyncio.Task[int] | None = None
     try:
-        async with session(trickle_server, processor.url, prompts=INVERT, fill=fill, link=RECONNECT) as s:
+        options = {"fill": fill, "link": RECONNECT, "video_mode": video_mode}
+        async with session(trickle_server, processor.url, prompts=INVERT, **options) as s:
             publishing = asyncio.create_task(publish_pattern(s.source, 1280, 720))
             await s.until_state(LinkState.CONNECTED)
             await s.output.wait_for(1)
@@ -177,6 +182,7 @@ async def test_a_restarted_processor_brings_the_session_back(
             await asyncio.gather(publishing, return_exceptions=True)
         await processor.stop()
     assert stats.link.losses >= 1 and stats.link.connections >= 2
+    assert stats.paths.output == ("remux" if video_mode is VideoMode.AUTO else "encode")
     frames = s.output.frames()
     gaps = np.diff([f.pts for f in frames]) / 90_000
     assert (gaps > 0).all()
