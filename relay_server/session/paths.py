@@ -12,7 +12,9 @@ processor's returned access units into the output (output leg: "remux").
   on what it was sent).
 
 InputRoute runs on the decode thread and decides, access unit by access unit, with the
-Qualifier (media/h264.py): a unit it forwards goes to AccessUnits and is not decoded.
+Qualifier (media/h264.py): a unit it forwards goes to AccessUnits and is not decoded. What the
+bitstream cannot say is whether the processor takes it: a processor that returns nothing of the
+forwarded input (while it did answer the offer) gets the input decoded and encoded from then on.
 """
 
 from __future__ import annotations
@@ -62,10 +64,18 @@ class InputRoute:
         self._on_verdict = on_verdict
         self._forwarding = False
         self._await_keyframe = False  # decoding resumed mid-GOP: its references were forwarded
+        self._refused: str | None = None  # forwarding is off for good, and why
+
+    def refuse(self, reason: str) -> None:
+        """Forward nothing from now on (any thread): the processor does not take the input as
+        it is. Decoding resumes at the next keyframe."""
+        self._refused = reason
 
     def __call__(self, packet: av.Packet) -> bool:
         data = bytes(packet)
         verdict = self._qualifier.check(data, packet.pts, packet.dts)
+        if self._refused is not None and (verdict is not None or self._forwarding):
+            verdict = Verdict(False, self._refused)
         if verdict is not None:
             if self._forwarding and not verdict.passthrough and not packet.is_keyframe:
                 self._await_keyframe = True

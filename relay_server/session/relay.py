@@ -165,6 +165,9 @@ class Relay:
         self._switches = 0
         self._keyframe_requests = 0  # unanswered, in a row
         self._fatal: BaseException | None = None
+        self._user_link_state = on_link_state
+        self._returned_count = 0  # frames (or units) back on the current connection
+        self._at_loss = (0, 0)  # offers answered and units forwarded when a connection was last lost
         self._publisher = Publisher(output) if isinstance(output, str) else output
         self._owns_publisher = isinstance(output, str)
         self._pipeline = OutputPipeline(
@@ -200,7 +203,7 @@ class Relay:
             prompts=prompts,
             settings=link,
             on_data=on_data,
-            on_state=on_link_state,
+            on_state=self._on_link_state,
             on_unit=self._returned_unit,
             remux=zero_transcode,
             name=name,
@@ -367,6 +370,27 @@ class Relay:
             self._fatal = self._fatal or NotQualified(f"the input cannot be passed through: {verdict.reason}")
             self._stopping.set()
 
+    def _on_link_state(self, state: LinkState, reason: str) -> None:
+        if state in (LinkState.RECONNECTING, LinkState.CONNECTING):
+            stats = self.link.stats
+            answered, forwarded = self._at_loss
+            self._at_loss = (stats.connections, stats.send.forwarded)
+            if (
+                self._route is not None
+                and stats.connections > answered
+                and stats.send.forwarded > forwarded
+                and not self._returned_count
+            ):
+                # A connection answered, was sent the input as it is, and returned none of it.
+                why = f"the processor returned nothing of the input sent as it is ({reason})"
+                self._route.refuse(why)
+                if self.video_mode is VideoMode.PASSTHROUGH:
+                    self._fatal = self._fatal or NotQualified(why)
+                    self._stopping.set()
+            self._returned_count = 0
+        if self._user_link_state is not None:
+            self._user_link_state(state, reason)
+
     def _keyframe_overdue(self) -> None:
         """The remuxed output's segment ran past the gop: ask the processor for a keyframe, and
         give up on remuxing when asking does not help."""
@@ -389,6 +413,7 @@ class Relay:
         return round((at - self._origin) / CLOCK)
 
     async def _returned_unit(self, unit: bytes, arrival: float) -> None:
+        self._returned_count += 1
         packet = av.Packet(unit)
         packet.is_keyframe = is_idr(unit)
         if packet.is_keyframe:
@@ -400,6 +425,7 @@ class Relay:
         await self._pipeline.submit_packet(packet, self._pts(arrival))
 
     async def _returned(self, frame: av.VideoFrame, arrival: float) -> None:
+        self._returned_count += 1
         self._last, self._last_return = frame, arrival
         self._audio.frame_returned()
         await self._pipeline.submit(frame, self._pts(arrival))

@@ -18,11 +18,13 @@ import av
 import numpy as np
 import pytest
 
+from relay_server.backoff import Backoff
 from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.paths import NotQualified, VideoMode
 from relay_server.session.relay import Relay
 from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
+from relay_server.webrtc import LinkSettings
 from tests.media.clips import Clip, ClipSpec, make_clip, read_index
 from tests.session.test_relay import OUR_THREADS, SIZE, publish_live, session
 
@@ -163,3 +165,21 @@ async def test_auto_switches_mid_stream_and_the_output_stays_valid(trickle_serve
     assert stats.link.send.frames + accounted(stats.drops) == total
     assert len(frames) == stats.frames_returned >= stats.link.send.frames - 1
     assert stats.decoder.corrupt_packets == stats.decoder.damaged_frames == 0
+
+
+async def test_a_processor_that_returns_nothing_of_the_forwarded_input_gets_it_transcoded(
+    trickle_server: TrickleServer,
+) -> None:
+    """The bitstream qualifies, but the processor (here one that drops every frame) returns
+    nothing of it: the connection is lost, and from then on the input is decoded and encoded."""
+    clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=120, gop=15))
+    impatient = LinkSettings(return_timeout=1.0, reconnect=Backoff(initial=0.1, attempts=100, jitter=0.0))
+    silent = ProcessorServer(knobs=Knobs(drop_every=1))
+    options = {"video_mode": VideoMode.AUTO, "link": impatient}
+    async with silent as processor, session(trickle_server, processor.url, **options) as s:
+        await publish_live(s.source, clip)
+        await s.source.close()
+    stats = s.relay.stats
+    assert stats.paths.send == "encode" and stats.paths.switches == 1
+    assert "returned nothing of the input sent as it is" in stats.paths.send_reason
+    assert stats.link.losses >= 1 and stats.decoder.forwarded > 0 and stats.decoder.frames > 0
