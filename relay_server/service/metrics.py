@@ -253,6 +253,15 @@ class SessionCollector(Collector):
         losses = CounterMetricFamily(
             "relay_session_processor_losses", "Processor connections lost and torn down.", labels=sid
         )
+        paths = GaugeMetricFamily(
+            "relay_session_path",
+            "1 for the path each leg's video takes: send forward (as it is) or encode, output remux "
+            "or encode.",
+            labels=[*sid, "leg", "path"],
+        )
+        switches = CounterMetricFamily(
+            "relay_session_path_switches", "Send leg switches between forward and encode.", labels=sid
+        )
         for snapshot in snapshots:
             key = [snapshot.config.session_id]
             stats = snapshot.stats
@@ -275,10 +284,18 @@ class SessionCollector(Collector):
             connections.add_metric(key, stats.link.connections)
             reconnects.add_metric(key, max(0, stats.link.connections - 1))
             losses.add_metric(key, stats.link.losses)
+            for leg, path, ways in (
+                ("send", stats.paths.send, ("forward", "encode")),
+                ("output", stats.paths.output, ("remux", "encode")),
+            ):
+                for way in ways:
+                    paths.add_metric([*key, leg, way], 1.0 if way == path else 0.0)
+            switches.add_metric(key, stats.paths.switches)
         yield states
         yield from frames.values()
         yield from segments.values()
         yield from (latency, queue_depth, queue_capacity, drops, connections, reconnects, losses)
+        yield from (paths, switches)
 
 
 def metrics_app(registry: CollectorRegistry) -> web.Application:

@@ -413,6 +413,18 @@ async def test_metrics_show_the_sessions_at_scrape_time(
             assert value(text, f"relay_session_frames_{stage}_total", **sid) == 0, stage
         assert value(text, "relay_session_processor_connections_total", **sid) == 0
         assert value(text, "relay_session_reconnects_total", **sid) == 0
+        # AUTO, before any input: the send leg encodes (nothing qualified yet), the output remuxes.
+        legs = (("send", "forward"), ("send", "encode"), ("output", "remux"), ("output", "encode"))
+        paths = {
+            (leg, path): value(text, "relay_session_path", **sid, leg=leg, path=path) for leg, path in legs
+        }
+        assert paths == {
+            ("send", "forward"): 0,
+            ("send", "encode"): 1,
+            ("output", "remux"): 1,
+            ("output", "encode"): 0,
+        }
+        assert value(text, "relay_session_path_switches_total", **sid) == 0
         # Queues and drop reasons: the same names the session's own stats use.
         snapshot = app.manager.get("metered").snapshot()
         queues = {labels["queue"] for n, labels, _ in samples(text) if n == "relay_session_queue_depth"}
