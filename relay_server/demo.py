@@ -126,7 +126,7 @@ def _status_line(session: pb.Session, elapsed: float) -> str:
         f" fps decoded {stats.decoded_fps:4.1f} returned {stats.returned_fps:4.1f}"
         f" encoded {stats.encoded_fps:4.1f}  frames {stats.frames_returned:4d}/{stats.frames_decoded:4d}"
         f"  round trip p50 {p50}  segments out {stats.segments_out:3d}  {stats.webrtc_state}"
-        f"  hot path {stats.fast_path}"
+        f"  paths {stats.send_path or '-'}/{stats.output_path or '-'}  hot path {stats.fast_path}"
     )
 
 
@@ -146,7 +146,9 @@ def _summarise(output_dir: Path, published: int, session: pb.Session, startup: f
         f"{picture}: an input frame beside the processed frame made from it\n"
         f"session {pb.SessionState.Name(session.state)} ({session.reason}); start-up (StartSession → first"
         f" output byte) {startup * 1000:.0f} ms; round trip p50 {stats.latency.p50.ToMilliseconds()} ms,"
-        f" p99 {stats.latency.p99.ToMilliseconds()} ms; drops {dict(stats.drops)}"
+        f" p99 {stats.latency.p99.ToMilliseconds()} ms; drops {dict(stats.drops)}\n"
+        f"paths: input {stats.send_path} ({stats.send_path_reason}); output {stats.output_path}"
+        f" ({stats.output_path_reason})"
     )
     # Every frame is in the output or counted where it went (a loaded machine makes latest-wins
     # hand-offs let some go); the processor's jitter buffer may keep the very last one or two.

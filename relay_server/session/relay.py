@@ -159,9 +159,11 @@ class Relay:
         self._fps = encoding.fps
         self._gop = encoding.gop
         zero_transcode = video_mode is not VideoMode.TRANSCODE
-        why = f"{video_mode.value} mode"
-        self._send_path, self._send_reason = "encode", why if not zero_transcode else "no input yet"
-        self._output_path, self._output_reason = ("remux", why) if zero_transcode else ("encode", why)
+        why = "transcode mode"
+        self._send_path, self._send_reason = "encode", "no input yet" if zero_transcode else why
+        self._output_path, self._output_reason = (
+            ("remux", "the processor's H.264 muxed as it is") if zero_transcode else ("encode", why)
+        )
         self._switches = 0
         self._keyframe_requests = 0  # unanswered, in a row
         self._fatal: BaseException | None = None
