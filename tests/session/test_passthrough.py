@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from relay_server.backoff import Backoff
+from relay_server.media.encoder import EncoderSettings
 from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.paths import NotQualified, VideoMode
 from relay_server.session.relay import Relay
@@ -58,11 +59,16 @@ def accounted(drops: dict[str, int]) -> int:
 
 
 def check_output(segments: list[bytes]) -> list[av.VideoFrame]:
-    """Every segment starts on a keyframe; the whole output decodes with increasing timestamps."""
+    """Every segment starts on a keyframe and, but the last, spans about a gop at most (the
+    processor is asked for a keyframe when one runs past it); the whole output decodes with
+    increasing timestamps."""
+    gop = EncoderSettings().gop
     for data in segments:
         with av.open(io.BytesIO(data), format="mpegts") as container:
             packets = [p for p in container.demux(video=0) if p.size]
         assert packets and packets[0].is_keyframe
+        span = (packets[-1].pts - packets[0].pts) / 90_000
+        assert span < gop + 0.5, f"a {span:.2f} s segment"
     frames = decoded(b"".join(segments))
     assert all(b.pts > a.pts for a, b in itertools.pairwise(frames))
     return frames
