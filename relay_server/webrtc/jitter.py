@@ -11,15 +11,14 @@ leaves them) go to the tap instead of to aiortc's decoder thread, so the returne
 no decoding. The receiver calls add() on the event loop for every RTP packet, so the tap runs
 there, synchronously, before the next packet is handled. When the tap is cleared, aiortc's
 decoder resumes on a stream it missed part of: what it would make of the frames before the next
-keyframe is smeared pictures, so those are withheld (counted) and request_keyframe() asks the
+keyframe is smeared pictures, so those are withheld (counted) and keyframe_request() asks the
 sender for a keyframe (RTCP PLI) so that the wait is one round trip.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
@@ -31,8 +30,6 @@ log = logging.getLogger(__name__)
 
 CAPACITY = 512  # packets, as aiortc's video receiver has
 _BUFFER = "_RTCRtpReceiver__jitter_buffer"  # where aiortc's receiver keeps it (name-mangled)
-
-_requests: set[asyncio.Task[None]] = set()  # PLIs being sent
 
 Tap = Callable[[bytes, int], None]  # (Annex B access unit, RTP timestamp on the 90 kHz clock)
 
@@ -112,22 +109,12 @@ def install(receiver: Any) -> MarkerJitterBuffer | None:
     return buffer
 
 
-def request_keyframe(receiver: Any) -> bool:
-    """Ask the sender of `receiver`'s video for a keyframe (RTCP PLI, sent soon from a task);
-    on the event loop. False when there is no one to ask yet: no MarkerJitterBuffer installed,
-    or no packet received (aiortc itself drops the PLI until the connection has its RTCP SSRC)."""
+def keyframe_request(receiver: Any) -> Coroutine[Any, Any, None] | None:
+    """A request to the sender of `receiver`'s video for a keyframe (RTCP PLI), for the caller to
+    run; None when there is no one to ask yet: no MarkerJitterBuffer installed, or no packet
+    received (aiortc itself drops the PLI until the connection has its RTCP SSRC)."""
     buffer = getattr(receiver, _BUFFER, None)
     if not isinstance(buffer, MarkerJitterBuffer) or buffer.ssrc is None:
-        return False
-    task = asyncio.get_running_loop().create_task(
-        receiver._send_rtcp_pli(buffer.ssrc), name=f"keyframe-request {buffer.ssrc}"
-    )
-    _requests.add(task)  # the loop keeps only a weak reference to a task
-    task.add_done_callback(_sent)
-    return True
-
-
-def _sent(task: asyncio.Task[None]) -> None:
-    _requests.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("keyframe request not sent: %r", task.exception())
+        return None
+    request: Coroutine[Any, Any, None] = receiver._send_rtcp_pli(buffer.ssrc)
+    return request

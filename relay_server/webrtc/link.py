@@ -398,6 +398,7 @@ class _Connection:
         self._lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._receiving: asyncio.Task[None] | None = None
         self._delivering: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[None]] = set()  # keyframe requests (RTCP PLI) being sent
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_return = 0.0
 
@@ -425,7 +426,7 @@ class _Connection:
         await self.pc.close()  # stops the sender (and with it the track) and the receiver
         if self.jitter is not None:
             self.jitter.tap = None
-        for task in (self._receiving, self._delivering):
+        for task in (self._receiving, self._delivering, *self._requests):
             if task is not None:
                 task.cancel()
                 await asyncio.wait([task])
@@ -474,7 +475,18 @@ class _Connection:
             self.request_keyframe()  # aiortc's decoder starts again mid-GOP
 
     def request_keyframe(self) -> bool:
-        return jitter.request_keyframe(self.receiver)
+        request = jitter.keyframe_request(self.receiver)
+        if request is None:
+            return False
+        task = asyncio.create_task(request, name=f"keyframe-request {self.link.name}")
+        self._requests.add(task)
+        task.add_done_callback(self._request_done)
+        return True
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._requests.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("link %s: keyframe request not sent: %r", self.link.name, task.exception())
 
     def _tapped(self, unit: bytes, timestamp: int) -> None:
         """A returned access unit, complete (on the loop, inside aiortc's RTP handler)."""

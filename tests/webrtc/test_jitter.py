@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from itertools import pairwise
+from typing import Any
 
 import av
 import pytest
@@ -13,7 +14,7 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
 from relay_server.media.h264 import is_idr
-from relay_server.webrtc.jitter import MarkerJitterBuffer, install, request_keyframe
+from relay_server.webrtc.jitter import MarkerJitterBuffer, install, keyframe_request
 from tests.processor.client import HEIGHT, WIDTH, PatternTrack
 from tests.webrtc.support import Changes
 
@@ -22,6 +23,12 @@ def packet(seq: int, timestamp: int, data: bytes, *, marker: bool = False) -> Rt
     rtp = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=int(marker), ssrc=0x1234)
     rtp._data = data  # type: ignore[attr-defined]  # what aiortc's depayloader sets
     return rtp
+
+
+async def ask_for_keyframe(receiver: Any) -> None:
+    request = keyframe_request(receiver)
+    assert request is not None
+    await request
 
 
 def test_a_frame_leaves_with_its_marked_packet_where_aiortc_waits_for_the_next_frame() -> None:
@@ -104,7 +111,7 @@ def test_a_failing_tap_costs_its_frame_only(caplog: pytest.LogCaptureFixture) ->
 
 def test_install_says_when_aiortc_moved_the_buffer() -> None:
     assert install(object()) is None
-    assert request_keyframe(object()) is False
+    assert keyframe_request(object()) is None
 
 
 async def test_tapped_access_units_decode_and_a_keyframe_comes_on_request() -> None:
@@ -143,7 +150,7 @@ async def test_tapped_access_units_decode_and_a_keyframe_comes_on_request() -> N
             changes.notify()
 
         buffer.tap = tap
-        assert request_keyframe(receiver) is False  # no packet yet: no SSRC to ask
+        assert keyframe_request(receiver) is None  # no packet yet: no SSRC to ask
         await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
         await sender_pc.setRemoteDescription(receiver_pc.localDescription)
 
@@ -155,14 +162,14 @@ async def test_tapped_access_units_decode_and_a_keyframe_comes_on_request() -> N
         assert [is_idr(data) for data, _ in units[:10]] == [True] + [False] * 9
         assert all(b - a == 3000 for (_, a), (_, b) in pairwise(units[:10]))  # 30 fps, 90 kHz
 
-        assert request_keyframe(receiver) is True
+        await ask_for_keyframe(receiver)
         await changes.until(lambda: bool(plis), 5, "the PLI at the sender")
         await changes.until(lambda: len(units) >= plis[0] + 5, 5, "5 more access units")
         assert any(is_idr(data) for data, _ in units[plis[0] : plis[0] + 5]), plis
 
         # Back to decoding: what the decoder would smear is withheld until the next keyframe.
         buffer.tap = None
-        assert request_keyframe(receiver) is True
+        await ask_for_keyframe(receiver)
         frame = await asyncio.wait_for(receiver.track.recv(), 5)
         assert isinstance(frame, av.VideoFrame) and (frame.width, frame.height) == (WIDTH, HEIGHT)
         assert len(plis) == 2
