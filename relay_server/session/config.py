@@ -108,6 +108,11 @@ def validate(config: SessionConfig) -> None:
         check(0 < value <= MAX_SIDE and value % 2 == 0, side, f"must be even, 2..{MAX_SIDE}, got {value}")
     fps = config.max_fps
     check(0 <= fps <= 240, "max_fps", f"must be 0 (the input's rate) to 240, got {fps:g}")
+    check(
+        not (fps and config.mode is VideoMode.PASSTHROUGH),
+        "max_fps",
+        "must be 0 in passthrough mode: the input is forwarded frame for frame",
+    )
     presets = ", ".join(X264_PRESETS)
     check(config.encoder.preset in X264_PRESETS, "encoder.preset", f"must be one of {presets}")
     check(

@@ -159,8 +159,10 @@ class Relay:
         self._fps = encoding.fps
         self._gop = encoding.gop
         zero_transcode = video_mode is not VideoMode.TRANSCODE
-        why = "transcode mode"
-        self._send_path, self._send_reason = "encode", "no input yet" if zero_transcode else why
+        # A frame-rate cap drops frames, which an encoded stream cannot lose (but at its keyframes).
+        forwarding = zero_transcode and not (link is not None and link.max_fps)
+        why = "transcode mode" if not zero_transcode else "max_fps is set: frames are dropped to it"
+        self._send_path, self._send_reason = "encode", "no input yet" if forwarding else why
         self._output_path, self._output_reason = (
             ("remux", "the processor's H.264 muxed as it is") if zero_transcode else ("encode", why)
         )
@@ -179,7 +181,7 @@ class Relay:
             drop_audio=drop_audio,
             on_keyframe_overdue=self._keyframe_overdue if zero_transcode else None,
         )
-        self._units = AccessUnits(wait=catch_up) if zero_transcode else None
+        self._units = AccessUnits(wait=catch_up) if forwarding else None
         self._pictures = LastPicture() if zero_transcode else None  # what a remuxed output shows
         self._frames = LatestFrame(width, height, wait=catch_up, units=self._units)
         self._route = (

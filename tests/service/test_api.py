@@ -395,6 +395,10 @@ PRESETS = "ultrafast, superfast, veryfast, faster, fast, medium, slow, slower, v
         ({"height": 4098}, [("height", "must be even, 2..4096, got 4098")]),
         ({"encoder": pb.EncoderSettings(preset="warp")}, [("encoder.preset", f"must be one of {PRESETS}")]),
         ({"mode": 7}, [("mode", "unknown value 7")]),
+        (
+            {"mode": pb.SESSION_MODE_PASSTHROUGH, "max_fps": 10},
+            [("max_fps", "must be 0 in passthrough mode: the input is forwarded frame for frame")],
+        ),
     ],
     ids=[
         "session_id",
@@ -405,6 +409,7 @@ PRESETS = "ultrafast, superfast, veryfast, faster, fast, medium, slow, slower, v
         "height",
         "preset",
         "mode",
+        "passthrough_fps",
     ],
 )
 async def test_invalid_argument_for_a_bad_start_request(

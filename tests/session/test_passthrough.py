@@ -189,3 +189,19 @@ async def test_a_processor_that_returns_nothing_of_the_forwarded_input_gets_it_t
     assert stats.paths.send == "encode" and stats.paths.switches == 1
     assert "returned nothing of the input sent as it is" in stats.paths.send_reason
     assert stats.link.losses >= 1 and stats.decoder.forwarded > 0 and stats.decoder.frames > 0
+
+
+async def test_auto_with_a_frame_rate_cap_encodes_the_input(trickle_server: TrickleServer) -> None:
+    clip = make_clip(QUALIFIES)
+    capped = LinkSettings(max_fps=15)
+    options = {"video_mode": VideoMode.AUTO, "link": capped}
+    async with (
+        ProcessorServer(knobs=FIFO) as processor,
+        session(trickle_server, processor.url, **options) as s,
+    ):
+        await publish_live(s.source, clip)
+        await s.source.close()
+    stats = s.relay.stats
+    assert (stats.paths.send, stats.paths.output) == ("encode", "remux")
+    assert "max_fps" in stats.paths.send_reason and stats.decoder.forwarded == 0
+    assert stats.link.send.frames <= QUALIFIES.frames // 2 + 2  # 15 of the input's 30 fps
