@@ -6,7 +6,18 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["trickle", "fast", "media", "webrtc", "startup", "e2e", "capacity", "catchup", "memory"]
+BENCHMARKS = [
+    "trickle",
+    "fast",
+    "media",
+    "webrtc",
+    "startup",
+    "e2e",
+    "capacity",
+    "catchup",
+    "memory",
+    "passthrough",
+]
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,10 +193,27 @@ def session_figures(
 
 
 class Sweep:
-    def __init__(self, source: SourceProcess, stack: contextlib.AsyncExitStack, max_sessions: int) -> None:
+    """Counts of concurrent sessions on one RelayServer: `size`, session `mode` (StartSession's;
+    transcode by default), ids `<prefix><count>-<repeat>-<number>`. Processors are started as
+    counts need them and kept; `processors` shares a pool with another sweep."""
+
+    def __init__(
+        self,
+        source: SourceProcess,
+        stack: contextlib.AsyncExitStack,
+        max_sessions: int,
+        *,
+        size: tuple[int, int] = SIZE,
+        mode: pb.SessionMode = pb.SESSION_MODE_TRANSCODE,  # the transcoding path unless told
+        prefix: str = "cap",
+        processors: list[Processor] | None = None,
+    ) -> None:
         self.source = source
         self.stack = stack
-        self.processors: list[Processor] = []
+        self.size = size
+        self.mode = mode
+        self.prefix = prefix
+        self.processors: list[Processor] = processors if processors is not None else []
         self.manager = SessionManager(max_sessions=max_sessions)
         self.server = RelayServer(self.manager)
         self.stub: pb_grpc.RelayServiceStub | None = None
@@ -208,12 +225,15 @@ class Sweep:
         self.stack.push_async_callback(channel.close)
         self.stub = pb_grpc.RelayServiceStub(channel)
 
+    def session_ids(self, count: int, repeat: int) -> list[str]:
+        return [f"{self.prefix}{count}-{repeat}-{number}" for number in range(count)]
+
     async def run(self, count: int, seconds: float, repeat: int = 0) -> dict[str, Any]:
         assert self.stub is not None
         if len(self.processors) < count:
             self.processors += await start_processors(self.stack, count - len(self.processors))
         processors = self.processors[:count]
-        ids = [f"cap{count}-{repeat}-{number}" for number in range(count)]
+        ids = self.session_ids(count, repeat)
         reading: list[str] = []  # sessions whose output the child reads
         started: list[str] = []
         result: dict[str, Any] = {"sessions": count}
@@ -230,8 +250,9 @@ class Sweep:
                         subscribe_url=self.source.input,
                         publish_url=output["url"],
                         processor_url=processor.url,
-                        width=SIZE[0],
-                        height=SIZE[1],
+                        width=self.size[0],
+                        height=self.size[1],
+                        mode=self.mode,
                     )
                 )
                 started.append(session_id)
@@ -353,19 +374,38 @@ def aggregate(count: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def clean_run(
-    sweep: Sweep, count: int, seconds: float, repeat: int, discarded: list[dict[str, Any]]
+    sweep: Sweep,
+    count: int,
+    seconds: float,
+    repeat: int,
+    discarded: list[dict[str, Any]],
+    attempts: int = ATTEMPTS,
 ) -> dict[str, Any]:
-    """A window in which nothing else used more than OTHERS_MAX cores, if one comes in ATTEMPTS."""
-    for attempt in range(ATTEMPTS):
+    """A window in which nothing else used more than OTHERS_MAX cores, if one comes in
+    `attempts` (session ids stay those of ATTEMPTS tries per repeat)."""
+    for attempt in range(attempts):
         result = await sweep.run(count, seconds, repeat * ATTEMPTS + attempt)
         others = result.get("others cores", 0.0)
-        if others <= OTHERS_MAX or attempt == ATTEMPTS - 1:
+        if others <= OTHERS_MAX or attempt == attempts - 1:
             result["others over limit"] = others > OTHERS_MAX
             return result
         print(f"  discarded: something else used {others:.2f} cores; again in {PAUSE:g} s", flush=True)
         discarded.append({"sessions": count, "others cores": others, "held": result.get("holds", False)})
         await asyncio.sleep(PAUSE)
     raise AssertionError("unreachable")
+
+
+async def sweep_counts(counts: list[int], measure: Callable[[int], Awaitable[bool]]) -> None:
+    """Measure the counts in order until one does not hold; then the counts between the last
+    that held and that one, downwards, until one holds."""
+    last_held = 0
+    for count in counts:
+        if not await measure(count):
+            for between in range(count - 1, last_held, -1):
+                if await measure(between):
+                    break
+            return
+        last_held = count
 
 
 async def run(quick: bool) -> dict[str, Any]:
@@ -396,15 +436,7 @@ async def run(quick: bool) -> dict[str, Any]:
             results["counts"].append(result)
             return bool(result["holds"])
 
-        last_held = 0
-        for count in counts:
-            if not await measure(count):
-                # The counts between the last that held and this one, downwards, until one holds.
-                for between in range(count - 1, last_held, -1):
-                    if await measure(between):
-                        break
-                break
-            last_held = count
+        await sweep_counts(counts, measure)
     results["counts"].sort(key=lambda result: result["sessions"])
     held = [result["sessions"] for result in results["counts"] if result.get("holds")]
     results["held"] = max(held, default=0)

@@ -490,6 +490,7 @@ class Bench:
                 processor_url=self.processor.url,
                 width=SIZE[0],
                 height=SIZE[1],
+                mode=pb.SESSION_MODE_TRANSCODE,  # the transcoding path's throughput
             )
         )
         session = manager.get(session_id)

@@ -37,7 +37,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -372,15 +372,27 @@ class Snapshot:
 
 
 class Bench:
-    def __init__(self, source: SourceProcess, processor: Processor) -> None:
+    """Sessions through the gRPC API, one RelayServer per variant (its LinkSettings), each
+    started with the variant's session mode (`modes`; the default, transcode, for any not in
+    it)."""
+
+    def __init__(
+        self,
+        source: SourceProcess,
+        processor: Processor,
+        variants: Mapping[str, LinkSettings] = VARIANTS,
+        modes: Mapping[str, pb.SessionMode] | None = None,
+    ) -> None:
         self.source = source
         self.processor = processor
+        self.variants = variants
+        self.modes = dict(modes or {})
         self.servers: dict[str, RelayServer] = {}
         self.stubs: dict[str, pb_grpc.RelayServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     async def start(self) -> None:
-        for variant, link in VARIANTS.items():
+        for variant, link in self.variants.items():
             server = self.servers[variant] = RelayServer(SessionManager(link=link))
             await server.start()
             channel = grpc.aio.insecure_channel(server.address)
@@ -422,6 +434,8 @@ class Bench:
                 processor_url=self.processor.url,
                 width=width,
                 height=height,
+                # The transcoding path unless the variant says otherwise (the default is AUTO).
+                mode=self.modes.get(variant, pb.SESSION_MODE_TRANSCODE),
             )
         )
         relay = self.servers[variant].manager.get(session_id).relay
@@ -469,7 +483,11 @@ def _figures(start: Snapshot, end: Snapshot, sampler: ThreadSampler, joined: Joi
     cpu = end.cpu - start.cpu
     a, b = start.stats, end.stats
     returned = b.frames_returned - a.frames_returned
-    encoded = b.frames_encoded - a.frames_encoded
+    # Output frames: encoded, or (zero-transcode) the processor's access units muxed as they are.
+    remuxed = (b.pipeline.packets_in - b.pipeline.packets_dropped) - (
+        a.pipeline.packets_in - a.pipeline.packets_dropped
+    )
+    encoded = b.frames_encoded - a.frames_encoded + remuxed
     stages = sampler.by_stage(cpu)
     send_frames = b.link.encoder.frames - a.link.encoder.frames
     send_wall = b.link.encoder.encode_wall_seconds - a.link.encoder.encode_wall_seconds

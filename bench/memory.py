@@ -128,6 +128,7 @@ class Bench:
                 processor_url=processor.url,
                 width=SIZE[0],
                 height=SIZE[1],
+                mode=pb.SESSION_MODE_TRANSCODE,  # the transcoding path's memory
             )
         )
         self.running.append(session_id)
