@@ -166,9 +166,11 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
 class ThreadSampler:
     """CPU per thread over a window, sampled every `interval` seconds, so that a thread that ends
     meanwhile (aiortc re-creates its encoder, and x264 its threads, when the bitrate moves) still
-    counts up to its last sample."""
+    counts up to its last sample. Each sample reads two /proc files per thread (a relay with a
+    session runs dozens) on the event loop: every 0.2 s that cost 0.2-0.3 ms per frame, as much
+    as a tenth of a passthrough session's own CPU, so samples are a second apart."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.first: dict[int, tuple[str, float]] = {}
         self.last: dict[int, tuple[str, float]] = {}
