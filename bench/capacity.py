@@ -444,14 +444,7 @@ async def run(quick: bool) -> dict[str, Any]:
 
 
 def main(quick: bool = False) -> Path:
-    started = time.monotonic()
-    results = asyncio.run(run(quick))
-    results["total seconds"] = round(time.monotonic() - started, 1)
-    return write(results)
-
-
-def _round(value: Any, digits: int) -> Any:
-    return round(value, digits) if isinstance(value, float) and not math.isnan(value) else value
+    return write(report.timed_run(run, quick))
 
 
 def write(results: dict[str, Any]) -> Path:
@@ -466,20 +459,20 @@ def write(results: dict[str, Any]) -> Path:
         if "fps min" in result:
             row.update(
                 {
-                    "fps min": _round(result["fps min"], 1),
-                    "fps median": _round(result["fps median"], 1),
-                    "p50 ms worst": _round(result["p50 ms worst"], 0),
-                    "p99 ms worst": _round(result["p99 ms worst"], 0),
+                    "fps min": report.rounded(result["fps min"], 1),
+                    "fps median": report.rounded(result["fps median"], 1),
+                    "p50 ms worst": report.rounded(result["p50 ms worst"], 0),
+                    "p99 ms worst": report.rounded(result["p99 ms worst"], 0),
                     "lost": result["lost"],
                     "of": result["of"],
-                    "relay cores": _round(result["relay cores"], 2),
-                    "relay cores/session": _round(result["relay cores"] / result["sessions"], 3),
-                    "processors cores": _round(result["processors cores"], 2),
-                    "source+readers cores": _round(result["source+readers cores"], 2),
-                    "others cores": _round(result["others cores"], 2),
-                    "box idle cores": _round(result["box idle cores"], 2),
-                    "source fps": _round(result["source fps"], 1),
-                    "settle s": _round(result["settle seconds"], 1),
+                    "relay cores": report.rounded(result["relay cores"], 2),
+                    "relay cores/session": report.rounded(result["relay cores"] / result["sessions"], 3),
+                    "processors cores": report.rounded(result["processors cores"], 2),
+                    "source+readers cores": report.rounded(result["source+readers cores"], 2),
+                    "others cores": report.rounded(result["others cores"], 2),
+                    "box idle cores": report.rounded(result["box idle cores"], 2),
+                    "source fps": report.rounded(result["source fps"], 1),
+                    "settle s": report.rounded(result["settle seconds"], 1),
                 }
             )
         rows.append(row)

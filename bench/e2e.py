@@ -625,10 +625,7 @@ def _verdict(value: float, limit: float, unit: str) -> str:
 
 
 def main(quick: bool = False) -> Path:
-    started = time.monotonic()
-    results = asyncio.run(run(quick))
-    results["total seconds"] = round(time.monotonic() - started, 1)
-    return write(results)
+    return write(report.timed_run(run, quick))
 
 
 def write(results: dict[str, Any]) -> Path:

@@ -257,10 +257,7 @@ async def run(quick: bool) -> dict[str, Any]:
 
 
 def main(quick: bool = False) -> Path:
-    started = time.monotonic()
-    results = asyncio.run(run(quick))
-    results["total seconds"] = round(time.monotonic() - started, 1)
-    return write(results)
+    return write(report.timed_run(run, quick))
 
 
 def _mib(value: float) -> float:

@@ -511,14 +511,7 @@ async def run(quick: bool) -> dict[str, Any]:
 
 
 def main(quick: bool = False) -> Path:
-    started = time.monotonic()
-    results = asyncio.run(run(quick))
-    results["total seconds"] = round(time.monotonic() - started, 1)
-    return write(results)
-
-
-def _round(value: Any, digits: int) -> Any:
-    return round(value, digits) if isinstance(value, float) and not math.isnan(value) else value
+    return write(report.timed_run(run, quick))
 
 
 def _ms(value: float) -> str:
@@ -549,24 +542,24 @@ def write(results: dict[str, Any]) -> Path:
                 "mode": variant,
                 "windows ok": f"{median['windows']}/{len(windows)}",
                 "paths": ", ".join(paths),
-                "CPU ms/frame": _round(cpu, 2),
-                "× less than transcode": _round(ratio(base.get("cpu ms/frame", math.nan), cpu), 2),
-                "net of idle ms/frame": _round(median["net cpu ms/frame"], 2),
-                "× less, net": _round(
+                "CPU ms/frame": report.rounded(cpu, 2),
+                "× less than transcode": report.rounded(ratio(base.get("cpu ms/frame", math.nan), cpu), 2),
+                "net of idle ms/frame": report.rounded(median["net cpu ms/frame"], 2),
+                "× less, net": report.rounded(
                     ratio(base.get("net cpu ms/frame", math.nan), median["net cpu ms/frame"]), 2
                 ),
-                "relay cores": _round(median["cores"], 3),
-                "p50 ms": _round(median["p50 ms"], 1),
-                "p95 ms": _round(median["p95 ms"], 1),
-                "p99 ms": _round(median["p99 ms"], 1),
+                "relay cores": report.rounded(median["cores"], 3),
+                "p50 ms": report.rounded(median["p50 ms"], 1),
+                "p95 ms": report.rounded(median["p95 ms"], 1),
+                "p99 ms": report.rounded(median["p99 ms"], 1),
                 "lost": median["lost"],
                 "of": median["published"],
                 "repeated": median["repeated"],
-                "output fps": _round(median["output fps"], 1),
-                "round trip p50 ms": _round(median["round trip p50 ms"], 1),
-                "processor CPU %": _round(median["processor cpu %"], 0),
-                "processor ms/frame": _round(median["processor cpu ms/frame"], 2),
-                "others cores": _round(median["others cores"], 2),
+                "output fps": report.rounded(median["output fps"], 1),
+                "round trip p50 ms": report.rounded(median["round trip p50 ms"], 1),
+                "processor CPU %": report.rounded(median["processor cpu %"], 0),
+                "processor ms/frame": report.rounded(median["processor cpu ms/frame"], 2),
+                "others cores": report.rounded(median["others cores"], 2),
             }
         )
     columns = max(rows, key=len)
@@ -576,7 +569,7 @@ def write(results: dict[str, Any]) -> Path:
     for variant, median in medians.items():
         row: dict[str, Any] = {"mode": variant}
         for stage, label in STAGE_LABELS.items():
-            row[label] = _round(median["threads ms/frame"].get(stage, 0.0), 2)
+            row[label] = report.rounded(median["threads ms/frame"].get(stage, 0.0), 2)
         breakdown.append(row)
 
     passthrough = medians["passthrough"]
@@ -617,17 +610,17 @@ def write(results: dict[str, Any]) -> Path:
             if "fps min" in result:
                 capacity_row.update(
                     {
-                        "fps min": _round(result["fps min"], 1),
-                        "p99 ms worst": _round(result["p99 ms worst"], 0),
+                        "fps min": report.rounded(result["fps min"], 1),
+                        "p99 ms worst": report.rounded(result["p99 ms worst"], 0),
                         "lost": result["lost"],
                         "of": result["of"],
-                        "relay cores": _round(result["relay cores"], 2),
-                        "relay cores/session": _round(result["relay cores"] / count, 3),
-                        "processors cores": _round(result["processors cores"], 2),
-                        "processors cores/session": _round(result["processors cores"] / count, 3),
-                        "source+readers cores": _round(result["source+readers cores"], 2),
-                        "others cores": _round(result["others cores"], 2),
-                        "box idle cores": _round(result["box idle cores"], 2),
+                        "relay cores": report.rounded(result["relay cores"], 2),
+                        "relay cores/session": report.rounded(result["relay cores"] / count, 3),
+                        "processors cores": report.rounded(result["processors cores"], 2),
+                        "processors cores/session": report.rounded(result["processors cores"] / count, 3),
+                        "source+readers cores": report.rounded(result["source+readers cores"], 2),
+                        "others cores": report.rounded(result["others cores"], 2),
+                        "box idle cores": report.rounded(result["box idle cores"], 2),
                     }
                 )
             problems = [p for run in result["runs"] for p in run.get("paths problems", [])]
@@ -694,8 +687,8 @@ def write(results: dict[str, Any]) -> Path:
     profile_rows = [
         {
             "part of the event loop (passthrough)": part,
-            "self ms/frame (profiled)": _round(1000 * spent / frames, 3) if frames else math.nan,
-            "share %": _round(100 * spent / total, 1) if total else math.nan,
+            "self ms/frame (profiled)": report.rounded(1000 * spent / frames, 3) if frames else math.nan,
+            "share %": report.rounded(100 * spent / total, 1) if total else math.nan,
         }
         for part, spent in busy.items()
     ]
@@ -706,8 +699,8 @@ def write(results: dict[str, Any]) -> Path:
         {
             "function": row["function"],
             "part": row["part"],
-            "calls/frame": _round(row["calls"] / frames, 1) if frames else math.nan,
-            "self ms/frame (profiled)": _round(1000 * row["self seconds"] / frames, 3)
+            "calls/frame": report.rounded(row["calls"] / frames, 1) if frames else math.nan,
+            "self ms/frame (profiled)": report.rounded(1000 * row["self seconds"] / frames, 3)
             if frames
             else math.nan,
         }

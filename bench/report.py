@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def timed_run(run: Callable[[bool], Coroutine[Any, Any, dict[str, Any]]], quick: bool) -> dict[str, Any]:
+    """A benchmark's results, with the seconds it took in all."""
+    started = time.monotonic()
+    results = asyncio.run(run(quick))
+    results["total seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def rounded(value: Any, digits: int) -> Any:
+    """A float to `digits`, anything else (NaN too) as it is."""
+    return round(value, digits) if isinstance(value, float) and not math.isnan(value) else value
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -316,9 +316,7 @@ FIGURES = ["cpu ms/returned", "cpu ms/sent", "p50 ms", "p95 ms", "p99 ms", "retu
 
 
 def main(quick: bool = False) -> Path:
-    started = time.monotonic()
-    results = asyncio.run(run(quick))
-    results["total seconds"] = round(time.monotonic() - started, 1)
+    results = report.timed_run(run, quick)
     rows = []
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for size, runs in results["runs"].items():

@@ -13,6 +13,7 @@ import asyncio
 import io
 import itertools
 import threading
+from collections.abc import Callable
 
 import av
 import numpy as np
@@ -22,7 +23,7 @@ from relay_server.backoff import Backoff
 from relay_server.media.encoder import EncoderSettings
 from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.paths import NotQualified, VideoMode
-from relay_server.session.relay import Relay
+from relay_server.session.relay import Relay, RelayStats
 from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
 from relay_server.webrtc import LinkSettings
@@ -74,24 +75,36 @@ def check_output(segments: list[bytes]) -> list[av.VideoFrame]:
     return frames
 
 
+async def relayed(
+    server: TrickleServer,
+    clips: list[Clip],
+    *,
+    knobs: Knobs = FIFO,
+    after_each: Callable[[Relay], None] = lambda relay: None,
+    **options: object,
+) -> tuple[RelayStats, list[bytes]]:
+    """`clips` published live one after the other on a relay's input, through the embedded
+    processor: the relay's stats and its output segments once the input has ended."""
+    async with ProcessorServer(knobs=knobs) as processor, session(server, processor.url, **options) as s:
+        for clip in clips:
+            await publish_live(s.source, clip)
+            after_each(s.relay)
+        await s.source.close()
+    return s.relay.stats, s.output.segments
+
+
 async def test_passthrough_forwards_and_remuxes_without_decoding_or_encoding(
     trickle_server: TrickleServer,
 ) -> None:
     clip = make_clip(QUALIFIES)
-    async with (
-        ProcessorServer(knobs=FIFO) as processor,
-        session(trickle_server, processor.url, video_mode=VideoMode.PASSTHROUGH) as s,
-    ):
-        await publish_live(s.source, clip)
-        await s.source.close()
-    stats = s.relay.stats
+    stats, segments = await relayed(trickle_server, [clip], video_mode=VideoMode.PASSTHROUGH)
     assert (stats.paths.send, stats.paths.output) == ("forward", "remux")
     assert "512x512" in stats.paths.send_reason and stats.paths.switches == 0
     # Nothing decoded or encoded by the relay: every input unit went out as it was.
     assert stats.decoder.frames == 0 and stats.decoder.forwarded == QUALIFIES.frames
     assert stats.encoder.frames == 0 and stats.link.encoder.frames == 0
     assert stats.link.send.forwarded >= QUALIFIES.frames - stats.units_dropped
-    frames = check_output(s.output.segments)
+    frames = check_output(segments)
     inputs = by_index(decoded(clip.data))
     outputs = by_index(frames)
     assert len(outputs) >= QUALIFIES.frames - 2  # the processor's jitter buffer may keep the last
@@ -102,18 +115,11 @@ async def test_passthrough_forwards_and_remuxes_without_decoding_or_encoding(
 async def test_auto_falls_back_to_transcode_for_an_input_that_does_not_qualify(
     trickle_server: TrickleServer,
 ) -> None:
-    clip = make_clip(B_FRAMES)
-    async with (
-        ProcessorServer(knobs=FIFO) as processor,
-        session(trickle_server, processor.url, video_mode=VideoMode.AUTO) as s,
-    ):
-        await publish_live(s.source, clip)
-        await s.source.close()
-    stats = s.relay.stats
+    stats, segments = await relayed(trickle_server, [make_clip(B_FRAMES)], video_mode=VideoMode.AUTO)
     assert stats.paths.send == "encode" and "B-frames" in stats.paths.send_reason
     assert stats.paths.output == "remux"  # the processor's H.264 is remuxed all the same
     assert stats.decoder.frames == B_FRAMES.frames and stats.decoder.forwarded == 0
-    frames = check_output(s.output.segments)
+    frames = check_output(segments)
     # Decoded B-frames come out of the decoder in bursts, and latest-wins lets some go (counted).
     assert len(by_index(frames)) + accounted(stats.drops) >= B_FRAMES.frames - 2
 
@@ -149,20 +155,17 @@ async def test_auto_switches_mid_stream_and_the_output_stays_valid(trickle_serve
     encode → forward → encode, switching at keyframes; the output decodes throughout."""
     parts: list[Clip] = [make_clip(QUALIFIES), make_clip(SMALLER), make_clip(QUALIFIES), make_clip(B_FRAMES)]
     reasons: list[str] = []
-    async with (
-        ProcessorServer(knobs=FIFO) as processor,
-        session(trickle_server, processor.url, video_mode=VideoMode.AUTO) as s,
-    ):
-        for clip in parts:
-            await publish_live(s.source, clip)
-            reasons.append(s.relay.stats.paths.send_reason)
-        await s.source.close()
-    stats = s.relay.stats
+    stats, segments = await relayed(
+        trickle_server,
+        parts,
+        video_mode=VideoMode.AUTO,
+        after_each=lambda relay: reasons.append(relay.stats.paths.send_reason),
+    )
     assert stats.paths.switches == 3 and stats.paths.send == "encode"
     assert "640x360" in reasons[1] and "B-frames" in stats.paths.send_reason
     assert stats.decoder.frames == SMALLER.frames + B_FRAMES.frames
     assert stats.decoder.forwarded == 2 * QUALIFIES.frames
-    frames = check_output(s.output.segments)
+    frames = check_output(segments)
     assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
     total = sum(clip.spec.frames for clip in parts)
     # Every input frame was sent or counted where it went; every frame that came back is in the
@@ -180,12 +183,8 @@ async def test_a_processor_that_returns_nothing_of_the_forwarded_input_gets_it_t
     nothing of it: the connection is lost, and from then on the input is decoded and encoded."""
     clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=120, gop=15))
     impatient = LinkSettings(return_timeout=1.0, reconnect=Backoff(initial=0.1, attempts=100, jitter=0.0))
-    silent = ProcessorServer(knobs=Knobs(drop_every=1))
-    options = {"video_mode": VideoMode.AUTO, "link": impatient}
-    async with silent as processor, session(trickle_server, processor.url, **options) as s:
-        await publish_live(s.source, clip)
-        await s.source.close()
-    stats = s.relay.stats
+    silent = Knobs(drop_every=1)
+    stats, _ = await relayed(trickle_server, [clip], knobs=silent, video_mode=VideoMode.AUTO, link=impatient)
     assert stats.paths.send == "encode" and stats.paths.switches == 1
     assert "returned nothing of the input sent as it is" in stats.paths.send_reason
     assert stats.link.losses >= 1 and stats.decoder.forwarded > 0 and stats.decoder.frames > 0
@@ -194,14 +193,7 @@ async def test_a_processor_that_returns_nothing_of_the_forwarded_input_gets_it_t
 async def test_auto_with_a_frame_rate_cap_encodes_the_input(trickle_server: TrickleServer) -> None:
     clip = make_clip(QUALIFIES)
     capped = LinkSettings(max_fps=15)
-    options = {"video_mode": VideoMode.AUTO, "link": capped}
-    async with (
-        ProcessorServer(knobs=FIFO) as processor,
-        session(trickle_server, processor.url, **options) as s,
-    ):
-        await publish_live(s.source, clip)
-        await s.source.close()
-    stats = s.relay.stats
+    stats, _ = await relayed(trickle_server, [clip], video_mode=VideoMode.AUTO, link=capped)
     assert (stats.paths.send, stats.paths.output) == ("encode", "remux")
     assert "max_fps" in stats.paths.send_reason and stats.decoder.forwarded == 0
     assert stats.link.send.frames <= QUALIFIES.frames // 2 + 2  # 15 of the input's 30 fps
