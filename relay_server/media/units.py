@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 import av
 
-# Units waiting for the sender: a quarter of a second at 30 fps, a few frames more than the
-# pacer ever holds back live.
-CAPACITY = 8
+# Units waiting for the sender: two seconds at 30 fps. Live, the pacer holds back one or two; a
+# session that joins mid-segment gets the segment so far in one burst (the decode thread reads a
+# 64 KiB chunk at a time), which the sender then sends as fast as the processor takes it.
+CAPACITY = 64
 
 
 class AccessUnits:
@@ -47,6 +48,12 @@ class AccessUnits:
 
     def __len__(self) -> int:
         return len(self._units)
+
+    @property
+    def newest(self) -> av.Packet | None:
+        """The last unit queued, if any (on the loop: a hint, the queue may grow meanwhile)."""
+        with self._cond:
+            return self._units[-1] if self._units else None
 
     def set_ready_callback(self, callback: Callable[[], object] | None) -> None:
         """Called on the decode thread after every put() that queued a unit."""

@@ -52,6 +52,9 @@ REPEAT_AFTER = 0.5
 # ComfyStream-like FIFO processor capped at 10 fps it bounds the round trip to about
 # (window / 10 fps) instead of letting it grow by two thirds of a second every second.
 MAX_IN_FLIGHT = 4
+# Seconds of queued access units still sent at their media time (an input's jitter smoothed);
+# a longer backlog (a session joining mid-segment gets the segment so far at once) is caught up.
+BACKLOG_SMOOTHED = 0.1
 # A frame not back after this long is presumed dropped by the processor and stops counting.
 IN_FLIGHT_EXPIRY = 1.0
 
@@ -208,6 +211,10 @@ class SendTrack(MediaStreamTrack):
         now = time.monotonic()
         due = now  # without media time or pacing: now
         if self._pacer is not None and frame.pts is not None and frame.time_base:
+            units = self._frames.units
+            newest = units.newest if units is not None and isinstance(frame, av.Packet) else None
+            if newest is not None and newest.pts is not None and newest.time_base:
+                self._pacer.catch_up(float(newest.pts * newest.time_base), now, BACKLOG_SMOOTHED)
             due = self._pacer.due(float(frame.pts * frame.time_base), now)
         delay = max(due, self._last_sent + self._min_interval) - now
         if delay > 0:

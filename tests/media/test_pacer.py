@@ -99,3 +99,31 @@ def test_custom_thresholds() -> None:
     assert pacer.due(0.5, 10.05) == 10.05  # 0.45 s early is beyond a 0.1 s resync
     assert pacer.resyncs == 1
     assert pacer.due(0.55, 10.05) == pytest.approx(10.075)  # half of 0.05 s earliness
+
+
+def test_a_backlog_is_caught_up_instead_of_replayed() -> None:
+    """A session joins 0.5 s into a segment: 15 frames arrive at once. Anchored on the newest,
+    they are all late (sent at once), and the live frames after them are on time."""
+    pacer = Pacer()
+    burst = [MEDIA + index / 30 for index in range(15)]
+    pacer.catch_up(burst[-1], ANCHOR)
+    assert all(pacer.due(media, ANCHOR) <= ANCHOR for media in burst)
+    live = burst[-1] + 1 / 30
+    assert pacer.due(live, ANCHOR + 1 / 30) == pytest.approx(ANCHOR + 1 / 30)
+    # Without the catch-up the burst is replayed at media time: the last one half a second late.
+    replayed = Pacer()
+    assert replayed.due(burst[0], ANCHOR) == ANCHOR
+    assert replayed.due(burst[-1], ANCHOR) > ANCHOR + 0.4
+    # A frame already due is not moved: catching up never delays.
+    pacer.catch_up(MEDIA, ANCHOR + 5)
+    assert pacer.due(live, ANCHOR + 1 / 30) == pytest.approx(ANCHOR + 1 / 30)
+
+
+def test_a_short_backlog_is_still_smoothed() -> None:
+    pacer = anchored()
+    # Three frames 0.1 s ahead arrive at once: within 0.1 s nothing moves, they go at their times.
+    pacer.catch_up(MEDIA + 0.1, ANCHOR, within=0.1)
+    assert pacer.due(MEDIA + 0.1, ANCHOR) == pytest.approx(ANCHOR + 0.1 - 0.1 * ADAPT)
+    # Half a second ahead: squeezed into the 0.1 s.
+    pacer.catch_up(MEDIA + 0.6, ANCHOR, within=0.1)
+    assert pacer.due(MEDIA + 0.6, ANCHOR) <= ANCHOR + 0.1 + 1e-9

@@ -141,3 +141,13 @@ async def test_a_waiting_next_wakes_for_a_unit_from_another_thread() -> None:
     finally:
         producer.join()
     assert taken is not None and taken[0].pts == 7
+
+
+def test_newest_is_the_last_unit_queued() -> None:
+    units = AccessUnits()
+    assert units.newest is None
+    units.put(unit(0, keyframe=True))
+    units.put(unit(1))
+    assert units.newest is not None and units.newest.pts == 1
+    drain(units)
+    assert units.newest is None

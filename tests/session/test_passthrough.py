@@ -81,13 +81,15 @@ async def relayed(
     *,
     knobs: Knobs = FIFO,
     after_each: Callable[[Relay], None] = lambda relay: None,
+    behind: float = 0.0,
     **options: object,
 ) -> tuple[RelayStats, list[bytes]]:
-    """`clips` published live one after the other on a relay's input, through the embedded
-    processor: the relay's stats and its output segments once the input has ended."""
+    """`clips` published live one after the other on a relay's input (the first `behind` seconds
+    at once), through the embedded processor: the relay's stats and its output segments once the
+    input has ended."""
     async with ProcessorServer(knobs=knobs) as processor, session(server, processor.url, **options) as s:
-        for clip in clips:
-            await publish_live(s.source, clip)
+        for index, clip in enumerate(clips):
+            await publish_live(s.source, clip, behind if index == 0 else 0.0)
             after_each(s.relay)
         await s.source.close()
     return s.relay.stats, s.output.segments
@@ -197,3 +199,18 @@ async def test_auto_with_a_frame_rate_cap_encodes_the_input(trickle_server: Tric
     assert (stats.paths.send, stats.paths.output) == ("encode", "remux")
     assert "max_fps" in stats.paths.send_reason and stats.decoder.forwarded == 0
     assert stats.link.send.frames <= QUALIFIES.frames // 2 + 2  # 15 of the input's 30 fps
+
+
+async def test_a_session_joining_mid_segment_catches_up_instead_of_lagging(
+    trickle_server: TrickleServer,
+) -> None:
+    """The input is 0.7 s into its first segment when the relay reads it: 21 access units at once.
+    None may be lost (they cannot be replaced by newer ones), and replaying them at media time
+    would hold every later frame back by up to 0.7 s: the sender catches up instead."""
+    clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=90, gop=30))
+    stats, segments = await relayed(trickle_server, [clip], video_mode=VideoMode.PASSTHROUGH, behind=0.7)
+    assert stats.paths.send == "forward"
+    assert stats.units_dropped == 0 and stats.link.send.forwarded == clip.spec.frames
+    # Held back in all: the 0.1 s of smoothing at most, not the ~14 s a replay adds up to.
+    assert stats.link.send.paced_seconds < 1.0, stats.link.send.paced_seconds
+    assert len(check_output(segments)) >= clip.spec.frames - 1

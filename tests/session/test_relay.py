@@ -209,10 +209,11 @@ async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
     assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
 
 
-async def publish_live(publisher: Publisher, clip: Clip) -> None:
-    """Each segment streamed in frame-sized pieces at the clip's frame rate: a live input."""
+async def publish_live(publisher: Publisher, clip: Clip, behind: float = 0.0) -> None:
+    """Each segment streamed in frame-sized pieces at the clip's frame rate: a live input; its
+    first `behind` seconds at once (a relay joining a live channel that far into a segment)."""
     loop = asyncio.get_running_loop()
-    start, frame = loop.time(), 0
+    start, frame = loop.time() - behind, 0
     for data in clip.segments:
         async with await publisher.segment() as segment:
             pieces = clip.spec.gop
