@@ -121,7 +121,8 @@ class DecoderStats:
     damaged_frames: int = 0  # frames delivered with decoding errors concealed
     audio_packets: int = 0  # audio packets delivered to on_audio
     bytes_read: int = 0  # taken from the queue by the demuxer
-    first_frame_time: float | None = None  # time.monotonic() when on_frame was first called
+    # time.monotonic() when the first frame was ready: on_frame called, or a packet forwarded
+    first_frame_time: float | None = None
     decode_seconds: float = 0.0  # CPU time of the decode thread: demux, decode, scale, callbacks
     # "split": H.264 access units cut out by the VideoSplitter; "libavformat": any other video.
     video_demuxer: str | None = None
@@ -379,6 +380,8 @@ class Decoder:
                 packet.is_keyframe = packet.is_keyframe or is_idr(bytes(packet))
             if self._on_video_packet(packet):
                 self.stats.forwarded += 1
+                if self.stats.first_frame_time is None:
+                    self.stats.first_frame_time = time.monotonic()
                 return  # taken as it is (zero-transcode): not decoded
         self._decode_video(codec, packet)
 
