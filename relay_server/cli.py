@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from relay_server import eventloop
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -42,7 +43,7 @@ def _add_trickle_server(commands: argparse._SubParsersAction) -> None:
         from relay_server.trickle.server import serve_forever
 
         host, port = args.listen
-        asyncio.run(serve_forever(host, port, autocreate=args.autocreate, idle_timeout=args.idle_timeout))
+        eventloop.run(serve_forever(host, port, autocreate=args.autocreate, idle_timeout=args.idle_timeout))
         return 0
 
     parser.set_defaults(run=run)
@@ -59,7 +60,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         from relay_server.demo import run_demo
 
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        return asyncio.run(run_demo(Path(args.output), seconds=args.seconds))
+        return eventloop.run(run_demo(Path(args.output), seconds=args.seconds))
 
     parser.set_defaults(run=run)
 
@@ -113,7 +114,7 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
             queue=args.queue,
         )
         host, port = args.listen
-        asyncio.run(serve_forever(host, port, knobs))
+        eventloop.run(serve_forever(host, port, knobs))
         return 0
 
     parser.set_defaults(run=run)

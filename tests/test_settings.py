@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from relay_server import settings
+from relay_server import eventloop, settings
 from relay_server.trickle import protocol
 
 
@@ -43,3 +45,22 @@ def test_bad_values_say_what_is_wrong(
 )
 def test_parse_seq(text: str, seq: int | None) -> None:
     assert protocol.parse_seq(text) == seq
+
+
+def test_the_event_loop_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELAY_EVENT_LOOP", raising=False)
+    assert settings.event_loop() == "uvloop"
+    monkeypatch.setenv("RELAY_EVENT_LOOP", " AsyncIO ")
+    assert settings.event_loop() == "asyncio"
+    monkeypatch.setenv("RELAY_EVENT_LOOP", "trio")
+    with pytest.raises(ValueError, match="RELAY_EVENT_LOOP must be one of uvloop, asyncio, got 'trio'"):
+        settings.event_loop()
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
+def test_commands_run_on_the_configured_loop(monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
+    async def kind() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    monkeypatch.setenv("RELAY_EVENT_LOOP", choice)
+    assert eventloop.run(kind()).split(".")[0] == choice

@@ -28,7 +28,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay_server import settings
+from relay_server import eventloop, settings
 from relay_server.service.auth import BearerTokenInterceptor
 from relay_server.service.logs import configure_logging
 from relay_server.service.metrics import GrpcMetricsInterceptor, SessionCollector, serve_metrics
@@ -209,4 +209,4 @@ async def serve(options: ServeOptions, *, link: LinkSettings | None = None) -> i
 def run(options: ServeOptions) -> int:
     """`trickle-relay serve`: logging as the options say, then serve() on a new event loop."""
     configure_logging(options.log_format, options.log_level)
-    return asyncio.run(serve(options))
+    return eventloop.run(serve(options))
