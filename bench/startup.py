@@ -21,6 +21,7 @@ import grpc
 
 from bench import report
 from bench.webrtc import Processor
+from relay_server import eventloop
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.media.testsource import publish_pattern
@@ -102,7 +103,7 @@ async def _measure(runs: int) -> list[dict[str, Any]]:
 
 def main(quick: bool = False) -> Path:
     runs = 3 if quick else 10
-    results = asyncio.run(_measure(runs))
+    results = eventloop.run(_measure(runs))
     rows = []
     for mode in MODES:
         ran = [result for result in results if result["mode"] == mode]
