@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench import report
-from bench.e2e import join
+from bench.e2e import join, serve_relay
 from bench.livesource import FPS, SourceProcess
 from bench.webrtc import Processor
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
@@ -215,15 +213,11 @@ class Sweep:
         self.prefix = prefix
         self.processors: list[Processor] = processors if processors is not None else []
         self.manager = SessionManager(max_sessions=max_sessions)
-        self.server = RelayServer(self.manager)
+        self.server: RelayServer | None = None
         self.stub: pb_grpc.RelayServiceStub | None = None
 
     async def start(self) -> None:
-        await self.server.start()
-        self.stack.push_async_callback(self.server.drain)
-        channel = grpc.aio.insecure_channel(self.server.address)
-        self.stack.push_async_callback(channel.close)
-        self.stub = pb_grpc.RelayServiceStub(channel)
+        self.server, self.stub = await serve_relay(self.stack, self.manager)
 
     def session_ids(self, count: int, repeat: int) -> list[str]:
         return [f"{self.prefix}{count}-{repeat}-{number}" for number in range(count)]

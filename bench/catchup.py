@@ -47,15 +47,25 @@ from typing import Any
 
 import av
 import av.container
-import grpc
 from aiortc.codecs.h264 import H264Decoder, H264Encoder
 from aiortc.jitterbuffer import JitterFrame
 
-from bench import report
+from bench import child, report
 from bench.capacity import system_cpu, until
-from bench.e2e import ENDED, OTHER, STAGES, RawInput, ThreadSampler, named_threads, raw_codec_work, raw_input
+from bench.child import reply
+from bench.e2e import (
+    ENDED,
+    OTHER,
+    STAGES,
+    RawInput,
+    ThreadSampler,
+    named_threads,
+    raw_codec_work,
+    raw_input,
+    serve_relay,
+)
 from bench.frameindex import IndexCode
-from bench.livesource import BITRATE, FPS, GOP, ArrivalScanner, process_cpu_seconds
+from bench.livesource import BITRATE, FPS, GOP, ArrivalScanner
 from bench.media import source_frames
 from bench.webrtc import Processor
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
@@ -247,7 +257,7 @@ async def serve(frames: int) -> None:
     publishing: dict[str, tuple[Publishing, asyncio.Task[None]]] = {}
     scans: dict[str, Scan] = {}
     async with TrickleServer() as server:
-        _reply(
+        reply(
             {
                 "server": server.url,
                 "pid": os.getpid(),
@@ -266,10 +276,10 @@ async def serve(frames: int) -> None:
                     state = Publishing()
                     task = asyncio.create_task(_publish(server, publisher, name, segments, state))
                     publishing[name] = (state, task)
-                    _reply({"url": publisher.url})
+                    reply({"url": publisher.url})
                 elif op == "published":
                     state, task = publishing[name]
-                    _reply(
+                    reply(
                         {
                             "segments": state.published,
                             "first": state.first,
@@ -283,12 +293,12 @@ async def serve(frames: int) -> None:
                     await creator.create_channel()
                     await creator.close(delete_channel=False)
                     scans[name] = Scan(url)
-                    _reply({"url": url})
+                    reply({"url": url})
                 elif op == "collect":  # the output's arrival times, once it ended (or `within`)
                     arrivals = await scans.pop(name).stop(float(request.get("within", 2.0)))
-                    _reply({"arrivals": arrivals})
+                    reply({"arrivals": arrivals})
                 else:
-                    _reply({"error": f"unknown op {op!r}"})
+                    reply({"error": f"unknown op {op!r}"})
         finally:
             for scan in scans.values():
                 await scan.stop(0.0)
@@ -297,72 +307,20 @@ async def serve(frames: int) -> None:
             await asyncio.gather(*(task for _, task in publishing.values()), return_exceptions=True)
 
 
-def _reply(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-class Child:
-    """`python -m bench.catchup --child` as a child process, driven over JSON lines."""
+class Child(child.Child):
+    """`python -m bench.catchup --child` as a child process: `ready` says what input it made."""
 
     def __init__(self, frames: int) -> None:
-        self.frames = frames
-        self.process: asyncio.subprocess.Process | None = None
-        self.ready: dict[str, Any] = {}
-        self._lock = asyncio.Lock()
+        # It encodes the whole input before it is ready.
+        args = ["--child", "--frames", str(frames)]
+        super().__init__("bench.catchup", args, what="catch-up child", ready_within=300)
 
     async def __aenter__(self) -> Child:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.catchup",
-            "--child",
-            "--frames",
-            str(self.frames),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=64 * 1024 * 1024,
-        )
-        try:
-            self.ready = await asyncio.wait_for(self._read(), 300)  # it encodes the input first
-        except BaseException:
-            await self.__aexit__()
-            raise
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), 15)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-    async def request(self, op: str, **arguments: Any) -> dict[str, Any]:
-        process = self.process
-        assert process is not None and process.stdin is not None
-        async with self._lock:
-            process.stdin.write((json.dumps({"op": op, **arguments}) + "\n").encode())
-            await process.stdin.drain()
-            answer = await self._read()
-        if "error" in answer:
-            raise RuntimeError(f"catch-up child: {answer['error']}")
-        return answer
-
-    def cpu_seconds(self) -> float:
-        assert self.process is not None
-        return process_cpu_seconds(self.process.pid)
-
-    async def _read(self) -> dict[str, Any]:
-        assert self.process is not None and self.process.stdout is not None
-        line = await self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the catch-up child exited ({await self.process.wait()})")
-        return json.loads(line)
+        await self.stop()
 
 
 def process_threads(pid: int) -> dict[int, tuple[str, float]]:
@@ -395,16 +353,7 @@ def processor_codec_work(raw: RawInput) -> dict[str, float]:
     """CPU per frame of the processor's codec calls (passthrough): aiortc's decode of our send leg
     (x264 ultrafast Baseline, the link's settings) and aiortc's stock H264Encoder (x264 default
     preset, zerolatency) for the return leg."""
-    link = LinkSettings()
-    send = VideoEncoder(
-        raw.width,
-        raw.height,
-        gop=link.gop,
-        preset=link.preset,
-        bitrate=link.bitrate,
-        fps=link.fps,
-        profile="Baseline",
-    )
+    send = LinkSettings().send_encoder(raw.width, raw.height)
     scaler = Scaler(raw.width, raw.height, ScaleMode.LETTERBOX)
     packets = []
     with av.open(io.BytesIO(raw.stream), format="mpegts") as container:
@@ -453,12 +402,8 @@ class Bench:
 
     async def start(self) -> None:
         for variant, link in VARIANTS.items():
-            server = self.servers[variant] = RelayServer(SessionManager(link=link))
-            await server.start()
-            self.stack.push_async_callback(server.drain)
-            channel = grpc.aio.insecure_channel(server.address)
-            self.stack.push_async_callback(channel.close)
-            self.stubs[variant] = pb_grpc.RelayServiceStub(channel)
+            manager = SessionManager(link=link)
+            self.servers[variant], self.stubs[variant] = await serve_relay(self.stack, manager)
 
     async def snapshot(self, stats: RelayStats) -> dict[str, Any]:
         busy, _ = system_cpu()

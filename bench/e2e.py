@@ -311,16 +311,7 @@ RAW_STAGES = ["input decode", "scale", "send x264", "return decode", "output x26
 
 def raw_codec_work(raw: RawInput) -> dict[str, Any]:
     """CPU per frame of the codec calls alone, one frame at a time through all of them."""
-    link = LinkSettings()
-    send = VideoEncoder(
-        raw.width,
-        raw.height,
-        gop=link.gop,
-        preset=link.preset,
-        bitrate=link.bitrate,
-        fps=link.fps,
-        profile="Baseline",
-    )
+    send = LinkSettings().send_encoder(raw.width, raw.height)
     output = EncoderSettings().encoder(raw.width, raw.height)
     scaler = Scaler(raw.width, raw.height, ScaleMode.LETTERBOX)
     back = H264Decoder()  # aiortc's, as the link's receiver decodes the return leg
@@ -371,6 +362,18 @@ class Snapshot:
     processor_cpu: float
     source_cpu: float
     processor_frames: tuple[int, int, int]
+
+
+async def serve_relay(
+    stack: contextlib.AsyncExitStack, manager: SessionManager
+) -> tuple[RelayServer, pb_grpc.RelayServiceStub]:
+    """An in-process RelayServer on `manager` and a client of it, both closed by `stack`."""
+    server = RelayServer(manager)
+    await server.start()
+    stack.push_async_callback(server.drain)
+    channel = grpc.aio.insecure_channel(server.address)
+    stack.push_async_callback(channel.close)
+    return server, pb_grpc.RelayServiceStub(channel)
 
 
 class Bench:

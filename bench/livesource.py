@@ -32,11 +32,11 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import av
 
+from bench.child import Child, reply
 from bench.frameindex import IndexCode
 from bench.media import source_frames
 from relay_server import settings
@@ -314,7 +314,7 @@ async def serve(width: int, height: int, fps: int, bitrate: int) -> None:
     async with TrickleServer() as server:
         source = LiveSource(server.channel_url("input"), width, height, fps=fps, bitrate=bitrate)
         await source.start()
-        _reply({"input": source.url, "server": server.url, "pid": os.getpid()})
+        reply({"input": source.url, "server": server.url, "pid": os.getpid()})
         try:
             while line := await stdin.readline():
                 request = json.loads(line)
@@ -331,18 +331,18 @@ async def serve(width: int, height: int, fps: int, bitrate: int) -> None:
                         url, source.code, mode, start_seq=start_seq
                     )
                     reader.start()
-                    _reply({"url": url})
+                    reply({"url": url})
                 elif op == "collect":  # wait for the channel's end (a short while), stop, report
                     reader = readers.pop(request["name"])
                     await reader.ended(float(request.get("within", 2.0)))
                     await reader.stop()
-                    _reply({"received": reader.results(), "resyncs": reader.scanner.resyncs})
+                    reply({"received": reader.results(), "resyncs": reader.scanner.resyncs})
                 elif op == "published":  # publish times of frames published in [start, end]
                     start, end = request["start"], request["end"]
                     published = [(i, t) for i, t in list(source.published.items()) if start <= t <= end]
-                    _reply({"published": published, "frames": source.frames})
+                    reply({"published": published, "frames": source.frames})
                 else:
-                    _reply({"error": f"unknown op {op!r}"})
+                    reply({"error": f"unknown op {op!r}"})
                 if source.error is not None:
                     raise RuntimeError(f"the live source failed: {source.error!r}")
         finally:
@@ -351,92 +351,22 @@ async def serve(width: int, height: int, fps: int, bitrate: int) -> None:
             await source.stop()
 
 
-def _reply(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-class SourceProcess:
-    """`python -m bench.livesource` as a child process: `input` is the live channel's URL;
-    request() sends one op and returns its answer."""
+class SourceProcess(Child):
+    """`python -m bench.livesource` as a child process: `input` is the live channel's URL."""
 
     def __init__(self, width: int, height: int, *, fps: int = FPS, bitrate: int = BITRATE) -> None:
-        self.args = [
-            "--width",
-            str(width),
-            "--height",
-            str(height),
-            "--fps",
-            str(fps),
-            "--bitrate",
-            str(bitrate),
-        ]
-        self.process: asyncio.subprocess.Process | None = None
+        args = ["--width", str(width), "--height", str(height), "--fps", str(fps), "--bitrate", str(bitrate)]
+        super().__init__("bench.livesource", args, what="live source process", ready_within=60)
         self.input = ""
         self.server = ""
-        self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> SourceProcess:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.livesource",
-            *self.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=64 * 1024 * 1024,  # a collect answer is one long line
-        )
-        try:
-            ready = await asyncio.wait_for(self._read(), 60)
-        except BaseException:
-            await self.__aexit__()
-            raise
-        self.input, self.server = ready["input"], ready["server"]
+        await self.start()
+        self.input, self.server = self.ready["input"], self.ready["server"]
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        assert process.stdin is not None
-        process.stdin.close()  # EOF: the child stops its source and exits
-        try:
-            await asyncio.wait_for(process.wait(), 15)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-    async def request(self, op: str, **arguments: Any) -> dict[str, Any]:
-        process = self.process
-        assert process is not None and process.stdin is not None
-        async with self._lock:
-            process.stdin.write((json.dumps({"op": op, **arguments}) + "\n").encode())
-            await process.stdin.drain()
-            answer = await self._read()
-        if "error" in answer:
-            raise RuntimeError(f"live source process: {answer['error']}")
-        return answer
-
-    def cpu_seconds(self) -> float:
-        """The child's CPU time so far (Linux /proc; NaN elsewhere)."""
-        assert self.process is not None
-        return process_cpu_seconds(self.process.pid)
-
-    async def _read(self) -> dict[str, Any]:
-        assert self.process is not None and self.process.stdout is not None
-        line = await self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the live source process exited ({await self.process.wait()})")
-        return json.loads(line)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (NaN when unavailable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        await self.stop()
 
 
 def main() -> None:

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench import report
 from bench.capacity import rss_bytes, start_processors, until
+from bench.e2e import serve_relay
 from bench.livesource import FPS, SourceProcess
 from bench.webrtc import Processor
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
@@ -103,16 +102,12 @@ class Bench:
         self.processors = processors
         self.stack = stack
         self.manager = manager or SessionManager()
-        self.server = RelayServer(self.manager)
+        self.server: RelayServer | None = None
         self.stub: pb_grpc.RelayServiceStub | None = None
         self.running: list[str] = []
 
     async def start(self) -> None:
-        await self.server.start()
-        self.stack.push_async_callback(self.server.drain)
-        channel = grpc.aio.insecure_channel(self.server.address)
-        self.stack.push_async_callback(channel.close)
-        self.stub = pb_grpc.RelayServiceStub(channel)
+        self.server, self.stub = await serve_relay(self.stack, self.manager)
         self.stack.push_async_callback(self.stop_all)
 
     async def start_session(self, session_id: str, processor: Processor) -> None:

@@ -95,6 +95,18 @@ class LinkSettings:
         default_factory=lambda: Backoff(initial=0.25, factor=2.0, maximum=5.0, attempts=1_000_000)
     )
 
+    def send_encoder(self, width: int, height: int) -> VideoEncoder:
+        """The send leg's x264, one per peer connection (so each connection starts on an IDR)."""
+        return VideoEncoder(
+            width,
+            height,
+            gop=self.gop,
+            preset=self.preset,
+            bitrate=self.bitrate,
+            fps=self.fps,
+            profile="Baseline",  # the profile every WebRTC H.264 decoder takes
+        )
+
 
 @dataclass(frozen=True)
 class LinkStats:
@@ -351,19 +363,7 @@ class _Connection:
         self.roundtrip = RoundTrip(link.latencies)
         self.in_flight = InFlight(link._send, settings.max_in_flight)
         frames = link.frames
-        self.encoder = (
-            None
-            if settings.stock_encoder
-            else VideoEncoder(
-                frames.width,
-                frames.height,
-                gop=settings.gop,
-                preset=settings.preset,
-                bitrate=settings.bitrate,
-                fps=settings.fps,
-                profile="Baseline",  # the profile every WebRTC H.264 decoder takes
-            )
-        )
+        self.encoder = None if settings.stock_encoder else settings.send_encoder(frames.width, frames.height)
         self.track = SendTrack(
             frames,
             self.encoder,
