@@ -7,12 +7,14 @@
 
 Registered: relay.v1.RelayService, grpc.health.v1.Health (the overall "" service and
 relay.v1.RelayService: NOT_SERVING until start() completes and again from the first moment of a
-drain, so load balancers stop sending work before sessions are stopped) and server reflection
-(so grpcurl and other tools work without the proto files).
+drain, so load balancers stop sending work before sessions are stopped; open Watch streams end
+with UNAVAILABLE once the sessions are stopped, so that none holds the server's stop for its
+whole grace) and server reflection (so grpcurl and other tools work without the proto files).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -31,6 +33,31 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RelayService"].full_name
 DRAIN_GRACE = 5.0  # seconds in-flight RPCs get to finish once sessions are stopped
 
 
+class DrainingHealth(health.aio.HealthServicer):
+    """grpc's health servicer, whose Watch streams end when the server drains. A watcher has been
+    told NOT_SERVING by then; an open stream would keep server.stop() waiting for its grace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait((watching, draining), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watching, draining):
+                task.cancel()
+            await asyncio.gather(watching, draining, return_exceptions=True)
+        if not self._draining.is_set():
+            return watching.result()  # the watch's own end (its error)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+    def end_watches(self) -> None:
+        self._draining.set()
+
+
 class RelayServer:
     def __init__(
         self,
@@ -44,7 +71,7 @@ class RelayServer:
         self.manager = manager
         self.host = host
         self.port = port
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealth()
         self._credentials = credentials
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
@@ -74,6 +101,7 @@ class RelayServer:
         """Health NOT_SERVING first, then every session stopped, then the server."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.manager.drain()
+        self.health.end_watches()
         if self._server is not None:
             server, self._server = self._server, None
             await server.stop(grace)

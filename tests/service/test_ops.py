@@ -162,7 +162,8 @@ async def scrape(url: str) -> str:
 async def test_health_is_serving_after_start_and_not_serving_from_the_start_of_a_drain(
     make_app: MakeApp, start_request: Callable[[str], pb.StartSessionRequest]
 ) -> None:
-    app = await make_app()
+    # A grace longer than the drain is waited for below: a stream left open would show.
+    app = await make_app(drain_grace=60.0)
     async with channel_to(app) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", SERVICE):
@@ -180,7 +181,6 @@ async def test_health_is_serving_after_start_and_not_serving_from_the_start_of_a
         assert (await health_watch.read()).status == SERVING
         drain = asyncio.create_task(app.drain())
         assert (await health_watch.read()).status == NOT_SERVING
-        health_watch.cancel()  # as a load balancer would once told: the drain need not wait for it
 
         # The session is stopped by the drain, and its watchers see it end before the server goes.
         states = [first.session]
@@ -189,6 +189,12 @@ async def test_health_is_serving_after_start_and_not_serving_from_the_start_of_a
         assert states[-1].state == pb.SESSION_STATE_STOPPED
         assert states[-1].reason == "the relay is shutting down"
         assert pb.SESSION_STATE_STOPPING in [s.state for s in states]
+        # The health watch, still open, is ended once the sessions are: the server's stop does
+        # not wait out its grace for it.
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await health_watch.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "the server is shutting down"
         await asyncio.wait_for(drain, 10)
 
         # Afterwards: nothing serves any more, the session has ended for good.
