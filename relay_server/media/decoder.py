@@ -29,6 +29,7 @@ on_exit has come).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -188,7 +189,10 @@ class Decoder:
     def start(self) -> None:
         if self._thread is not None or self._stopping:
             raise RuntimeError(f"decoder {self.name} was already started or stopped")
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=False)
+        # In the starter's context: its context variables (the session id on log records) hold
+        # on the thread too.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=self.name, daemon=False)
         self._thread.start()
 
     def stop(self, *, wait: bool = True) -> None:

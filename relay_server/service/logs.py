@@ -4,8 +4,8 @@
 
 A session's tasks run with relay_server.session.session.current_session_id set (Session.start()
 sets it around the task it creates; tasks copy the context they are created in), so
-SessionFilter can put `session_id` on every record without any call site naming it. Threads
-started with run_in_executor do not inherit context variables: their records have no session id.
+SessionFilter can put `session_id` on every record without any call site naming it. The decode
+thread, which logs too, runs in a copy of the context of the task that started it.
 
 Text:  2025-01-01 12:00:00,000 INFO relay_server.session.session [session=cam-1]: session cam-1: running
 JSON:  {"time": "2025-01-01T12:00:00.000Z", "level": "INFO", "logger": "…", "message": "…",

@@ -46,7 +46,7 @@ RATE_SAMPLES = 8
 
 # The id of the session whose work is running: set for every task a session starts (tasks copy
 # the context they are created in) and while stop() runs, so that log records can carry it
-# (relay_server.service.logs). Threads started with run_in_executor do not inherit it.
+# (relay_server.service.logs). The decode thread runs in a copy of its starter's context.
 current_session_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_session_id", default=None
 )

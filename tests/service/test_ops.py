@@ -40,6 +40,8 @@ from relay_server.service.app import RelayApp, ServeOptions
 from relay_server.service.logs import make_handler
 from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
+from tests.media.clips import ClipSpec, make_clip
+from tests.service.conftest import seconds
 
 SERVICE = "relay.v1.RelayService"
 TOKEN = "s3cret-token"
@@ -529,6 +531,39 @@ async def test_text_log_lines_tag_the_session(
     stopped = [line for line in lines if "session tagged: stopped" in line]
     assert stopped and all(" [session=tagged]: " in line for line in stopped), lines
     assert any(line.endswith("relay_server.test: outside any session") for line in lines), lines
+
+
+async def test_a_sessions_decode_thread_logs_with_its_session_id(
+    make_app: MakeApp, trickle_server: TrickleServer, dead_processor: str
+) -> None:
+    clip = make_clip(ClipSpec(frames=15))
+    source = Publisher(trickle_server.channel_url("decoded-in"))
+    await source.create_channel()
+    async with await source.segment() as segment:
+        await segment.write(clip.data)
+    request = pb.StartSessionRequest(
+        session_id="decoded",
+        subscribe_url=source.url,
+        publish_url=trickle_server.channel_url("decoded-out"),
+        processor_url=dead_processor,
+        mode=pb.SESSION_MODE_TRANSCODE,  # decoded, not forwarded: the decoder logs its first frame
+    )
+    app = await make_app()
+    async with channel_to(app) as channel:
+        stub = pb_grpc.RelayServiceStub(channel)
+        with captured_logs("json") as stream:
+            await stub.StartSession(request, timeout=RPC_TIMEOUT)
+            watch = stub.WatchSession(pb.WatchSessionRequest(session_id="decoded", interval=seconds(0.1)))
+            async with asyncio.timeout(RPC_TIMEOUT):
+                while (await watch.read()).session.stats.frames_decoded == 0:
+                    pass
+            watch.cancel()
+            await stub.StopSession(pb.StopSessionRequest(session_id="decoded"), timeout=RPC_TIMEOUT)
+    await source.close()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    decoder = [r for r in records if r["logger"] == "relay_server.media.decoder"]
+    assert any("first frame" in r["message"] for r in decoder), records
+    assert {r["session_id"] for r in decoder} == {"decoded"}, decoder
 
 
 # -- the command -----------------------------------------------------------------------------------
