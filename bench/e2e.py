@@ -21,8 +21,9 @@ Baselines in the same run, interleaved with the sessions:
   CPU: PyAV decode of the 1280×720 input, scale, x264 ultrafast for the WebRTC leg (the link's
   settings), aiortc's H.264 decode of a return leg encoded as the processor's stock aiortc
   encoder does, and the output's x264 ultrafast encode; the same codec thread counts as the relay;
-- stock: the relay with LinkSettings(stock_encoder=True): aiortc's own H.264 encoder (x264 at its
-  default preset) on the WebRTC leg.
+- stock: the relay with LinkSettings(stock_encoder=True, return_bitrate=None): aiortc's own H.264
+  encoder (x264 at its default preset, its bitrate moved by the bandwidth estimate, which runs as
+  in a stock aiortc client) on the WebRTC leg.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ GRACE = 1.0  # seconds the session runs on after the window: frames published la
 CONNECT_TIMEOUT = 30.0
 RAW_FRAMES = {True: 90, False: 300}  # frames per raw codec run (quick, full)
 STOCK_BITRATE = 1_000_000  # aiortc's H264Encoder default: what the processor sends back at
-VARIANTS = {"relay": LinkSettings(), "stock": LinkSettings(stock_encoder=True)}
+VARIANTS = {"relay": LinkSettings(), "stock": LinkSettings(stock_encoder=True, return_bitrate=None)}
 
 # Targets (issue), at 512×512 30 fps.
 TARGET_CPU_MS = 8.0

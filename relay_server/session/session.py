@@ -98,8 +98,12 @@ class Session:
         self.version = 0
         self._change = asyncio.Event()  # set (and replaced) on every version bump
         self._output = Publisher(config.publish_url)
+        # The processor is asked for the output's bitrate: when it is remuxed, its video is the output.
         link_settings = replace(
-            link or LinkSettings(), offer_timeout=config.offer_timeout, max_fps=config.max_fps
+            link or LinkSettings(),
+            offer_timeout=config.offer_timeout,
+            max_fps=config.max_fps,
+            return_bitrate=config.encoder.bitrate,
         )
         self._relay: Relay | None = Relay(
             config.subscribe_url,

@@ -13,16 +13,20 @@ there, synchronously, before the next packet is handled. When the tap is cleared
 decoder resumes on a stream it missed part of: what it would make of the frames before the next
 keyframe is smeared pictures, so those are withheld (counted) and keyframe_request() asks the
 sender for a keyframe (RTCP PLI) so that the wait is one round trip.
+
+bitrate_request() asks the sender for a bitrate (RTCP REMB): the relay offers no bandwidth
+estimation (signaling.py), so this is the only bitrate an aiortc processor is told.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-from aiortc.rtp import RtpPacket
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
 
 from relay_server.media.h264 import is_idr
 
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CAPACITY = 512  # packets, as aiortc's video receiver has
 _BUFFER = "_RTCRtpReceiver__jitter_buffer"  # where aiortc's receiver keeps it (name-mangled)
+_RTCP_SSRC = "_RTCRtpReceiver__rtcp_ssrc"  # the SSRC its RTCP goes out with (name-mangled)
 
 Tap = Callable[[bytes, int], None]  # (Annex B access unit, RTP timestamp on the 90 kHz clock)
 
@@ -38,6 +43,7 @@ class MarkerJitterBuffer(JitterBuffer):
     def __init__(self) -> None:
         super().__init__(capacity=CAPACITY, is_video=True)
         self.ssrc: int | None = None  # media SSRC of the last packet: where a PLI must go
+        self.started = asyncio.Event()  # the first packet is in: the sender can be asked things
         self.tapped = 0  # frames that went to the tap
         self.withheld = 0  # frames kept from the decoder after the tap, waiting for a keyframe
         self._tap: Tap | None = None
@@ -57,6 +63,8 @@ class MarkerJitterBuffer(JitterBuffer):
         self._tap = tap
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        if self.ssrc is None:
+            self.started.set()
         self.ssrc = packet.ssrc
         pli_flag, frame = super().add(packet)
         if frame is None:
@@ -117,4 +125,18 @@ def keyframe_request(receiver: Any) -> Coroutine[Any, Any, None] | None:
     if not isinstance(buffer, MarkerJitterBuffer) or buffer.ssrc is None:
         return None
     request: Coroutine[Any, Any, None] = receiver._send_rtcp_pli(buffer.ssrc)
+    return request
+
+
+def bitrate_request(receiver: Any, bitrate: int) -> Coroutine[Any, Any, None] | None:
+    """A request to the sender of `receiver`'s video to send at `bitrate` bits per second (RTCP
+    REMB), for the caller to run; None when there is no one to ask yet (as keyframe_request)."""
+    buffer = getattr(receiver, _BUFFER, None)
+    rtcp_ssrc = getattr(receiver, _RTCP_SSRC, None)
+    if not isinstance(buffer, MarkerJitterBuffer) or buffer.ssrc is None or rtcp_ssrc is None:
+        return None
+    remb = RtcpPsfbPacket(
+        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, [buffer.ssrc])
+    )
+    request: Coroutine[Any, Any, None] = receiver._send_rtcp(remb)
     return request

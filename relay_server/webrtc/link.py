@@ -56,6 +56,7 @@ _T = TypeVar("_T")
 # Returned access units waiting for delivery (remux): a second at 30 fps; the processor holds at
 # most max_in_flight frames, so only a burst after a stall comes near it.
 RETURNED_UNITS = 32
+REMB_INTERVAL = 1.0  # seconds between requests for the return bitrate, as browsers send REMB
 
 
 class LinkState(enum.Enum):
@@ -78,6 +79,10 @@ class LinkSettings:
     ice_servers: tuple[RTCIceServer, ...] = ()
     preset: str = "ultrafast"  # x264 preset of the send leg
     bitrate: int = 2_000_000  # of the send leg; ComfyStream sends back at 2 Mbit/s too
+    # What the processor is asked to send back at (RTCP REMB, every REMB_INTERVAL): with no
+    # bandwidth estimation (signaling.py), the bitrate of an aiortc processor's returned video.
+    # None: aiortc's bandwidth estimation on both legs instead, as a stock aiortc client has it.
+    return_bitrate: int | None = 2_000_000
     gop: float = 4.0  # seconds between the send leg's IDRs (the processor can also ask for one)
     fps: float = 30.0  # rate-control hint of the send leg's encoder
     repeat_after: float = REPEAT_AFTER  # input stall after which the last frame is sent again
@@ -87,7 +92,8 @@ class LinkSettings:
     # processor has room: an input that is behind catches up as fast as the relay can go.
     pace: bool = True
     # aiortc's own H.264 encoder instead of ours (x264's default preset, re-created whenever the
-    # bandwidth estimate moves by 10%): the baseline the benchmarks measure the relay against.
+    # bandwidth estimate moves by 10%, with return_bitrate None): the baseline the benchmarks
+    # measure the relay against.
     stock_encoder: bool = False
     return_timeout: float = 5.0  # seconds without a returned frame, while sending, that mean lost
     control_timeout: float = 10.0  # seconds to wait for a control reply
@@ -399,6 +405,7 @@ class _Connection:
         self._receiving: asyncio.Task[None] | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._requests: set[asyncio.Task[None]] = set()  # keyframe requests (RTCP PLI) being sent
+        self._asking: asyncio.Task[None] | None = None  # for the return bitrate (RTCP REMB)
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_return = 0.0
 
@@ -412,11 +419,17 @@ class _Connection:
             width=link.frames.width,
             height=link.frames.height,
             within=link.settings.offer_timeout,
+            estimate_bandwidth=link.settings.return_bitrate is None,
         )
         self.answered = 1
         link._answered()
         self.set_remux(link.remux)
         self._delivering = asyncio.create_task(self._deliver_units(), name=f"link-units {link.name}")
+        bitrate = link.settings.return_bitrate
+        if self.jitter is not None and bitrate is not None:
+            self._asking = asyncio.create_task(
+                self._ask_bitrate(self.jitter, bitrate), name=f"link-remb {link.name}"
+            )
         self._arm(link.settings.return_timeout)
         return await asyncio.shield(self._lost)
 
@@ -426,7 +439,7 @@ class _Connection:
         await self.pc.close()  # stops the sender (and with it the track) and the receiver
         if self.jitter is not None:
             self.jitter.tap = None
-        for task in (self._receiving, self._delivering, *self._requests):
+        for task in (self._receiving, self._delivering, self._asking, *self._requests):
             if task is not None:
                 task.cancel()
                 await asyncio.wait([task])
@@ -487,6 +500,16 @@ class _Connection:
         self._requests.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("link %s: keyframe request not sent: %r", self.link.name, task.exception())
+
+    async def _ask_bitrate(self, buffer: jitter.MarkerJitterBuffer, bitrate: int) -> None:
+        """Ask the processor for `bitrate` as soon as its video starts, then every
+        REMB_INTERVAL (RTCP is lost sometimes; a processor keeps the last value it got)."""
+        await buffer.started.wait()
+        while True:
+            request = jitter.bitrate_request(self.receiver, bitrate)
+            if request is not None:
+                await request
+            await asyncio.sleep(REMB_INTERVAL)
 
     def _tapped(self, unit: bytes, timestamp: int) -> None:
         """A returned access unit, complete (on the loop, inside aiortc's RTP handler)."""

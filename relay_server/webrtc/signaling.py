@@ -3,15 +3,29 @@
 The offer carries every ICE candidate (aiortc gathers them all in setLocalDescription), the
 session's prompts and its resolution; the answer carries the processor's. With prompts the
 processor warms its pipeline up inside the request, so the timeout is generous and configurable.
+
+Unless asked to keep it, the offer leaves out the abs-send-time RTP header extension, which
+aiortc's bandwidth estimation needs, so that no estimate runs on either side: the send leg's
+bitrate is the relay's own, and the processor is asked for one (RTCP REMB,
+jitter.bitrate_request). ComfyStream pins its encoder to 2 Mbit/s whatever it is told; an aiortc
+processor that follows the estimate re-creates its encoder, with a keyframe, each time the
+estimate moves by 10 % (an output segment cut short each time, when the relay remuxes), and the
+estimate costs both sides CPU for every packet (~11 µs a packet, measured on the relay).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import aiohttp
 from aiortc import RTCPeerConnection, RTCSessionDescription
+
+# The header extension's line in an SDP media section, whatever its id.
+ABS_SEND_TIME = re.compile(
+    r"^a=extmap:\d+ http://www\.webrtc\.org/experiments/rtp-hdrext/abs-send-time\r?\n", re.M
+)
 
 
 class ProcessorError(ConnectionError):
@@ -37,12 +51,14 @@ async def negotiate(
     width: int,
     height: int,
     within: float,
+    estimate_bandwidth: bool = False,
 ) -> None:
     """Offer `pc` to the processor at `url` (its base URL) and apply the answer, waiting at most `within`
-    seconds for it."""
+    seconds for it; with `estimate_bandwidth`, the offer is aiortc's as it is."""
     await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp if estimate_bandwidth else ABS_SEND_TIME.sub("", pc.localDescription.sdp)
     body: dict[str, Any] = {
-        "offer": {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
+        "offer": {"sdp": sdp, "type": pc.localDescription.type},
         "resolution": {"width": width, "height": height},
     }
     if prompts:

@@ -114,6 +114,23 @@ async def test_passthrough_forwards_and_remuxes_without_decoding_or_encoding(
     assert min(scores) >= PSNR_MIN, f"PSNR {min(scores):.1f} dB"
 
 
+async def test_the_processor_returns_at_the_bitrate_it_is_asked_for(trickle_server: TrickleServer) -> None:
+    """No bandwidth estimate runs (it would ramp the processor's encoder from aiortc's 1 Mbit/s
+    whatever the session's bitrate): the processor is asked for the bitrate, and the remuxed
+    output, the processor's own video, has it."""
+    clip = make_clip(QUALIFIES)
+    seconds = QUALIFIES.frames / QUALIFIES.fps
+    rates = {}
+    for bitrate in (700_000, 2_800_000):
+        link = LinkSettings(return_bitrate=bitrate)
+        stats, segments = await relayed(trickle_server, [clip], video_mode=VideoMode.PASSTHROUGH, link=link)
+        assert stats.paths.output == "remux"
+        rates[bitrate] = 8 * sum(len(segment) for segment in segments) / seconds
+    low, high = rates[700_000], rates[2_800_000]
+    assert high > 2.5 * low, rates  # 4× asked for; the start, before the first request, is alike
+    assert 0.5 * 700_000 < low < 1.5 * 700_000, rates
+
+
 async def test_auto_falls_back_to_transcode_for_an_input_that_does_not_qualify(
     trickle_server: TrickleServer,
 ) -> None:

@@ -14,7 +14,7 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
 from relay_server.media.h264 import is_idr
-from relay_server.webrtc.jitter import MarkerJitterBuffer, install, keyframe_request
+from relay_server.webrtc.jitter import MarkerJitterBuffer, bitrate_request, install, keyframe_request
 from tests.processor.client import HEIGHT, WIDTH, PatternTrack
 from tests.webrtc.support import Changes
 
@@ -112,6 +112,7 @@ def test_a_failing_tap_costs_its_frame_only(caplog: pytest.LogCaptureFixture) ->
 def test_install_says_when_aiortc_moved_the_buffer() -> None:
     assert install(object()) is None
     assert keyframe_request(object()) is None
+    assert bitrate_request(object(), 1_000_000) is None
 
 
 async def test_tapped_access_units_decode_and_a_keyframe_comes_on_request() -> None:
