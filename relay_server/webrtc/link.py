@@ -505,11 +505,14 @@ class _Connection:
         """Ask the processor for `bitrate` as soon as its video starts, then every
         REMB_INTERVAL (RTCP is lost sometimes; a processor keeps the last value it got)."""
         await buffer.started.wait()
-        while True:
-            request = jitter.bitrate_request(self.receiver, bitrate)
-            if request is not None:
-                await request
-            await asyncio.sleep(REMB_INTERVAL)
+        try:
+            while True:
+                request = jitter.bitrate_request(self.receiver, bitrate)
+                if request is not None:
+                    await request
+                await asyncio.sleep(REMB_INTERVAL)
+        except Exception as error:  # the connection goes on, at whatever bitrate it was given
+            log.warning("link %s: bitrate requests stopped: %r", self.link.name, error)
 
     def _tapped(self, unit: bytes, timestamp: int) -> None:
         """A returned access unit, complete (on the loop, inside aiortc's RTP handler)."""
