@@ -46,6 +46,7 @@ import grpc
 from bench import capacity, e2e, report
 from bench.capacity import ATTEMPTS, OTHERS_MAX, PAUSE, system_cpu
 from bench.livesource import FPS, GOP, SourceProcess
+from bench.rtpcost import RtpCost
 from bench.webrtc import Processor
 from relay_server import settings
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
@@ -70,6 +71,8 @@ WINDOWS = {True: (6.0, 1), False: (20.0, 3)}  # per-frame windows: seconds, repe
 IDLE_SECONDS = {True: 3.0, False: 5.0}  # per repeat: the process with no session
 PROFILE_SECONDS = {True: 5.0, False: 10.0}  # one passthrough window with the event loop profiled
 PROFILED_NUMBER = 999  # its session's number
+RTP_MODES = ["transcode", "passthrough"]  # one more window each, aiortc's RTP path timed (rtpcost)
+RTP_NUMBER = 998
 EVENT_LOOP = "event loop: HTTP, RTP, pacing, gRPC"  # e2e's stage
 CAPACITY_MODES = ["transcode", "passthrough"]
 CAPACITY_COUNTS = {True: [1, 2, 4, 6], False: capacity.COUNTS[False]}
@@ -209,8 +212,8 @@ async def session_report(stub: pb_grpc.RelayServiceStub, session_id: str) -> dic
 
 class Compared(e2e.Bench):
     """bench.e2e's sessions with a session mode per variant. With each snapshot (e2e.Bench.run
-    takes two: the window's ends) the box's busy CPU is taken, and with `profile` set the event
-    loop is profiled between them."""
+    takes two: the window's ends) the box's busy CPU is taken, with `profile` set the event loop
+    is profiled between them, and with `rtp` set aiortc's RTP path is timed (bench.rtpcost)."""
 
     def __init__(self, source: SourceProcess, processor: Processor) -> None:
         super().__init__(source, processor, dict.fromkeys(MODES, LinkSettings()), MODES)
@@ -218,13 +221,20 @@ class Compared(e2e.Bench):
         self.profile = False
         self.profiler: cProfile.Profile | None = None
         self.profiled: pstats.Stats | None = None
+        self.rtp = False
+        self.rtp_cost: RtpCost | None = None  # of the last window with `rtp` set
 
     async def snapshot(self, session_id: str, variant: str) -> e2e.Snapshot:
         if self.profiler is not None:  # the window's end
             self.profiler.disable()
             self.profiled, self.profiler = pstats.Stats(self.profiler), None
+        if self.rtp_cost is not None and len(self.box) == 1:  # the window's end
+            self.rtp_cost.stop()
         snapshot = await super().snapshot(session_id, variant)
         self.box.append((snapshot.wall, system_cpu()[0]))
+        if self.rtp and len(self.box) == 1:  # the window's start
+            self.rtp_cost = RtpCost()
+            self.rtp_cost.start()
         if self.profile and len(self.box) == 1:  # the window's start
             # This thread's: the event loop's. Wall time (a CPU-time timer would cost a system call
             # per event and inflate Python calls far more); the loop's waits in epoll are told
@@ -315,6 +325,15 @@ async def per_frame(source: SourceProcess, quick: bool) -> dict[str, Any]:
             bench.profile, bench.box = True, []
             profiled = await bench.run("passthrough", *SIZE, PROFILED_NUMBER, PROFILE_SECONDS[quick])
             bench.profile = False
+            # And one window per mode with aiortc's per-packet RTP path timed.
+            rtp: dict[str, Any] = {}
+            bench.rtp = True
+            for variant in RTP_MODES:
+                bench.box = []
+                timed = await bench.run(variant, *SIZE, RTP_NUMBER, PROFILE_SECONDS[quick])
+                assert bench.rtp_cost is not None
+                rtp[variant] = rtp_figures(timed, bench.rtp_cost)
+            bench.rtp = False
         finally:
             await bench.close()
     assert bench.profiled is not None
@@ -334,6 +353,61 @@ async def per_frame(source: SourceProcess, quick: bool) -> dict[str, Any]:
             "top functions": top_functions(bench.profiled),
             "top functions, other": top_functions(bench.profiled, 10, UNATTRIBUTED),
         },
+        "rtp": rtp,
+    }
+
+
+def rtp_section(
+    rtp: Mapping[str, Mapping[str, Any]], transcode: float, passthrough: float
+) -> tuple[list[dict[str, Any]], str]:
+    """The table of aiortc's RTP path by part and mode, and what the CPU ratio would be with all
+    of it but the kernel's UDP sends gone (the per-frame medians less the timed windows' share)."""
+    parts = list(dict.fromkeys(part for figures in rtp.values() for part in figures["ms/frame by part"]))
+    rows = [
+        {
+            "part": part,
+            **{
+                f"{variant} ms/frame": report.rounded(figures["ms/frame by part"].get(part, 0.0), 3)
+                for variant, figures in rtp.items()
+            },
+            **{
+                f"{variant} calls/frame": report.rounded(figures["calls/frame by part"].get(part, 0.0), 1)
+                for variant, figures in rtp.items()
+            },
+        }
+        for part in parts
+    ]
+    removable = {variant: figures["removable ms/frame"] for variant, figures in rtp.items()}
+    rows.append(
+        {
+            "part": "all but the kernel's sends",
+            **{f"{v} ms/frame": report.rounded(r, 3) for v, r in removable.items()},
+        }
+    )
+    without = {
+        "transcode": transcode - removable["transcode"],
+        "passthrough": passthrough - removable["passthrough"],
+    }
+    floor = ratio(without["transcode"], without["passthrough"])
+    text = (
+        f"With all of that but the kernel's sends costing nothing (a per-packet path in C in its stead),"
+        f" transcode would be {without['transcode']:.2f} and passthrough {without['passthrough']:.2f} ms"
+        f" per frame (the per-frame medians above less these): {floor:.3g}× less, against the"
+        f" {TARGET_CPU_RATIO:g}× targeted and {ratio(transcode, passthrough):.3g}× measured. The rest is the"
+        f" trickle HTTP legs, asyncio's wake-ups, the sockets' receive side and the relay's own work per"
+        f" frame, which every mode has."
+    )
+    return rows, text
+
+
+def rtp_figures(window: dict[str, Any], cost: RtpCost) -> dict[str, Any]:
+    frames = window["returned fps"] * window["seconds"]
+    return {
+        "seconds": window["seconds"],
+        "cpu ms/frame": window["cpu ms/frame"],
+        "ms/frame by part": {part: 1000 * spent / frames for part, spent in cost.by_part().items()},
+        "calls/frame by part": {part: calls / frames for part, calls in cost.calls.items()},
+        "removable ms/frame": 1000 * cost.removable() / frames,
     }
 
 
@@ -674,6 +748,10 @@ def write(results: dict[str, Any]) -> Path:
         " that the relay needs more processes, whatever the mode."
     )
 
+    rtp_rows, rtp_text = rtp_section(
+        frame["rtp"], base.get("cpu ms/frame", math.nan), passthrough.get("cpu ms/frame", math.nan)
+    )
+
     profile = frame["profile"]
     frames = profile["returned fps"] * profile["seconds"]
     # The relay's parts: the loop's waits and the bench's own work (the thread sampler) apart.
@@ -800,6 +878,14 @@ loop (the thread sampler reading /proc, {harness_ms:.2f} ms per frame profiled) 
 The functions with the most self time (profiled):
 
 {report.markdown_table(top_rows)}
+aiortc's per-packet RTP path, timed: thread CPU time (the kernel's share included) inside its
+entry points, per returned frame, over one more window per mode ({", ".join(RTP_MODES)}, not among
+the windows above; bench/rtpcost.py). Each runs once per packet (packetising: once per frame) and
+does not wait; the wrappers' own cost is counted in, so these are upper bounds:
+
+{report.markdown_table(rtp_rows)}
+{rtp_text}
+
 Capacity: concurrent {results["size"]} sessions on the same input, each with its own processor
 process on this {cpus}-CPU box (held = the largest count at which every session kept ≥
 {capacity.MIN_FPS:g} fps and p99 ≤ {capacity.MAX_P99_MS:g} ms in each of {results["capacity"]["repeats"]}

@@ -1,13 +1,16 @@
 """The passthrough benchmark's own arithmetic: ratios and verdicts, the paths check, what bounds
-a capacity sweep, the event loop's profile by part, and the capacity sweep's order of counts."""
+a capacity sweep, the event loop's profile by part, the capacity sweep's order of counts, and the
+timing of aiortc's RTP path (bench.rtpcost)."""
 
 from __future__ import annotations
 
 import cProfile
 import math
+import os
 import pstats
 from types import SimpleNamespace
 
+import pylibsrtp
 import pytest
 
 from bench.capacity import sweep_counts
@@ -23,9 +26,11 @@ from bench.passthrough import (
     part_of,
     paths_problem,
     ratio,
+    rtp_section,
     shares,
     top_functions,
 )
+from bench.rtpcost import ENTRY_POINTS, KERNEL, NESTED, RtpCost
 
 
 def test_ratio_is_baseline_over_value() -> None:
@@ -200,3 +205,49 @@ async def test_sweep_steps_up_then_back_down_to_the_last_that_holds(
 
     await sweep_counts([1, 2, 4, 6, 8, 10, 12, 16], measure)
     assert seen == measured
+
+
+def test_rtp_cost_times_its_entry_points_and_puts_them_back() -> None:
+    originals = {(cls, name): cls.__dict__[name] for _, cls, name in ENTRY_POINTS}
+    key = os.urandom(30)
+    policy = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+    sender = pylibsrtp.Session(policy)
+    receiver = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    rtp = bytes([0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 7]) + bytes(100)
+    cost = RtpCost()
+    cost.start()
+    try:
+        assert all(cls.__dict__[name] is not originals[cls, name] for _, cls, name in ENTRY_POINTS)
+        assert receiver.unprotect(sender.protect(rtp)) == rtp  # wrapped, and working as before
+    finally:
+        cost.stop()
+    assert all(cls.__dict__[name] is originals[cls, name] for _, cls, name in ENTRY_POINTS)
+    assert cost.calls == {"receive: SRTP unprotect": 1}
+    assert cost.seconds["receive: SRTP unprotect"] > 0
+
+
+def test_rtp_cost_takes_nested_parts_out_and_keeps_the_kernels_apart() -> None:
+    cost = RtpCost()
+    (outer, inner), *_ = NESTED.items()
+    cost.seconds.update({outer: 3.0, inner: 1.0, "receive: SRTP unprotect": 0.5})
+    assert cost.by_part() == {outer: 2.0, inner: 1.0, "receive: SRTP unprotect": 0.5}
+    assert inner == KERNEL and cost.removable() == 2.5
+
+
+def test_rtp_section_says_what_the_ratio_would_be_without_the_removable_share() -> None:
+    rtp = {
+        variant: {
+            "ms/frame by part": {"send: H.264 packetising": removable, KERNEL: 0.1},
+            "calls/frame by part": {"send: H.264 packetising": 1.0, KERNEL: 8.0},
+            "removable ms/frame": removable,
+        }
+        for variant, removable in (("transcode", 0.5), ("passthrough", 0.4))
+    }
+    rows, text = rtp_section(rtp, 6.0, 1.5)
+    assert rows[-1] == {
+        "part": "all but the kernel's sends",
+        "transcode ms/frame": 0.5,
+        "passthrough ms/frame": 0.4,
+    }
+    assert "transcode would be 5.50 and passthrough 1.10 ms" in text
+    assert "5× less, against the 5× targeted and 4× measured" in text
