@@ -150,7 +150,7 @@ def _summarise(output_dir: Path, published: int, session: pb.Session, startup: f
         f"paths: input {stats.send_path} ({stats.send_path_reason}); output {stats.output_path}"
         f" ({stats.output_path_reason})"
     )
-    # Every frame is in the output or counted where it went (a loaded machine makes the
+    # Every frame is in the output or counted where it went (a loaded machine makes latest-wins
     # hand-offs let some go); the processor's jitter buffer may keep the very last one or two.
     accounted = sum(count for reason, count in stats.drops.items() if reason != "audio_not_carried")
     return 0 if published // 2 < len(processed) and len(processed) >= published - accounted - 3 else 1

@@ -2,7 +2,7 @@
 
 - ChunkQueue: bytes from the stream subscriber (event loop) to the demuxer (decode thread), read as
   a file-like object; the reader blocks without the GIL.
-- FrameSlot: in-order hand-off of pooled frame buffers from the decode thread to the sender.
+- FrameSlot: latest-wins hand-off of pooled frame buffers from the decode thread to the sender.
 - copy_frame: copies a decoded frame into a pooled one without allocating.
 
 Each comes in a compiled build (Cython in pure-Python mode: chunkqueue.py + .pxd, ...) and a plain

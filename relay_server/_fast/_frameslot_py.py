@@ -1,12 +1,11 @@
-"""Hand-off of pooled frame buffers, in order: the plain-Python reference build.
+"""Latest-wins hand-off of pooled frame buffers: the plain-Python reference build.
 
 frameslot.py is the compiled build with the same behaviour. The producer (decode thread) fills a
-buffer from acquire() and publishes it; the consumer (event loop) takes the oldest published one
-and releases it when done. A buffer is always in exactly one place: the free pool, the producer's
-hands, waiting (published, not yet taken) or the consumer's hands. At most `max_buffers` are ever
-made, so in steady state nothing is allocated. When every buffer is in use, the producer gets the
-oldest waiting frame's buffer back, and `dropped` counts that frame: the newest frames wait, as many
-as the buffers the consumer does not hold.
+buffer from acquire() and publishes it; the consumer (event loop) takes the newest one and releases
+it when done. A buffer is always in exactly one place: the free pool, the producer's hands, the
+slot (published, not yet taken) or the consumer's hands. At most `max_buffers` are ever made, so in
+steady state nothing is allocated; when the consumer is slower, the frame in the slot is the one
+that goes, and `dropped` counts it.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ class FrameSlot(Generic[T]):
         self._factory = factory
         self._max_buffers = max_buffers
         self._pool: list[T] = []
-        self._waiting: list[T] = []  # published, oldest first
+        self._pending: T | None = None
         self._on_ready: Callable[[], Any] | None = None
         self._buffers = 0
         self._published = 0
@@ -34,16 +33,15 @@ class FrameSlot(Generic[T]):
         self._lock = threading.Lock()
 
     def acquire(self) -> T | None:
-        """A buffer to fill: a free one, a new one, or else the oldest waiting one (dropping its
-        frame); None if the consumer holds every buffer."""
+        """A buffer to fill: a free one, a new one, or else the unread published one (dropping it)."""
         with self._lock:
             if self._pool:
                 return self._pool.pop()
             if self._buffers == self._max_buffers:
-                if not self._waiting:
-                    return None
-                self._dropped += 1
-                return self._waiting.pop(0)
+                buf, self._pending = self._pending, None
+                if buf is not None:
+                    self._dropped += 1
+                return buf
             self._buffers += 1  # reserved: the factory runs outside the lock
         try:
             return self._factory()
@@ -53,10 +51,13 @@ class FrameSlot(Generic[T]):
             raise
 
     def publish(self, buf: T) -> None:
-        """Put `buf` behind the frames waiting."""
+        """Make `buf` the newest frame; an older one not yet taken goes back to the pool, dropped."""
         with self._lock:
-            self._waiting.append(buf)
+            old, self._pending = self._pending, buf
             self._published += 1
+            if old is not None:
+                self._pool.append(old)
+                self._dropped += 1
         if (callback := self._on_ready) is not None:
             callback()
 
@@ -70,12 +71,12 @@ class FrameSlot(Generic[T]):
         self._on_ready = callback
 
     def take(self) -> T | None:
-        """The oldest waiting buffer, now the consumer's, or None if none is waiting."""
+        """The newest published buffer, now the consumer's, or None if nothing new since last time."""
         with self._lock:
-            if not self._waiting:
-                return None
-            self._taken += 1
-            return self._waiting.pop(0)
+            buf, self._pending = self._pending, None
+            if buf is not None:
+                self._taken += 1
+            return buf
 
     def release(self, buf: T) -> None:
         """Return a taken buffer to the pool; each taken buffer exactly once."""
@@ -105,7 +106,3 @@ class FrameSlot(Generic[T]):
     @property
     def free(self) -> int:
         return len(self._pool)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)

@@ -1,7 +1,7 @@
 cdef class FrameSlot:
     cdef object _factory
     cdef list _pool
-    cdef list _waiting
+    cdef object _pending
     cdef object _on_ready
     cdef readonly Py_ssize_t max_buffers
     cdef readonly Py_ssize_t buffers

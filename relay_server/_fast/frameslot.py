@@ -1,4 +1,4 @@
-"""Hand-off of pooled frame buffers, in order: the compiled build (Cython, pure-Python mode).
+"""Latest-wins hand-off of pooled frame buffers: the compiled build (Cython, pure-Python mode).
 
 Same behaviour as _frameslot_py.py, the plain reference (see it for the buffer life cycle). What
 compiling buys: C counters and list operations with no lock. The GIL is the mutex: compiled code
@@ -21,18 +21,17 @@ class FrameSlot:
         self._factory = factory
         self.max_buffers = max_buffers
         self._pool = []
-        self._waiting = []
 
     def acquire(self) -> object:
-        """A buffer to fill: a free one, a new one, or else the oldest waiting one (dropping its
-        frame); None if the consumer holds every buffer."""
+        """A buffer to fill: a free one, a new one, or else the unread published one (dropping it)."""
         if self._pool:
             return self._pool.pop()
         if self.buffers == self.max_buffers:
-            if not self._waiting:
-                return None
-            self.dropped += 1
-            return self._waiting.pop(0)
+            buf: object = self._pending
+            if buf is not None:
+                self._pending = None
+                self.dropped += 1
+            return buf
         self.buffers += 1  # reserved: the factory is Python code, other threads may run meanwhile
         try:
             return self._factory()
@@ -41,9 +40,12 @@ class FrameSlot:
             raise
 
     def publish(self, buf: object) -> None:
-        """Put `buf` behind the frames waiting."""
-        self._waiting.append(buf)
+        old: object = self._pending
+        self._pending = buf
         self.published += 1
+        if old is not None:
+            self._pool.append(old)
+            self.dropped += 1
         if self._on_ready is not None:
             self._on_ready()
 
@@ -55,11 +57,11 @@ class FrameSlot:
         self._on_ready = callback
 
     def take(self) -> object:
-        """The oldest waiting buffer, now the consumer's, or None if none is waiting."""
-        if not self._waiting:
-            return None
-        self.taken += 1
-        return self._waiting.pop(0)
+        buf: object = self._pending
+        if buf is not None:
+            self._pending = None
+            self.taken += 1
+        return buf
 
     def release(self, buf: object) -> None:
         """Return a taken buffer to the pool; each taken buffer exactly once."""
@@ -68,7 +70,3 @@ class FrameSlot:
     @property
     def free(self) -> int:
         return len(self._pool)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)

@@ -1,16 +1,13 @@
-"""LatestFrame: decoded frames from the decode thread to the event loop, the newest few in order.
+"""LatestFrame: decoded frames from the decode thread to the event loop, newest wins.
 
     decode thread ─put(frame)─▶ FrameSlot (pooled copies) ─▶ await next(timeout) on the loop
                   └put(unit)──▶ AccessUnits (in order) ──┘   (zero-transcode: encoded units)
 
-The consumer (the paced sender) takes frames in order, and the frame it had before when nothing
-new came in time (the processor must keep seeing frames while the input stalls). Up to WAITING
-frames wait: input that arrives in bursts (a network read holding several frames, decoded at
-once) is sent at its media time, not reduced to the newest frame of each burst. Older frames
-than these are replaced, and the consumer may pass over a waiting frame (skip(): it waited for
-the processor, or the frame is late); both are counted in `dropped`. Frames are copied into
-pooled buffers (_fast.copy_frame), so the steady state allocates nothing and the decoder's own
-frames are free the moment put() returns.
+The consumer (the paced sender) wants the newest frame whenever it is ready for one, and the
+frame it had before when nothing new came in time (the processor must keep seeing frames while
+the input stalls). Frames are copied into a few pooled buffers (_fast.copy_frame), so the steady
+state allocates nothing and the decoder's own frames are free the moment put() returns. A frame
+replaced before the consumer took it is counted in `dropped`.
 
 The decode thread may also forward the input's encoded access units as they are (AccessUnits,
 units.py), switching between the two at keyframes. next() gives the units first: a decoded frame
@@ -29,13 +26,12 @@ import av
 from relay_server._fast import FrameSlot, copy_frame
 from relay_server.media.units import AccessUnits
 
-# Frames that may wait for the consumer: a burst of 2 Mbit/s input in one 32 KiB read is four.
-WAITING = 6
-BUFFERS = WAITING + 2  # and one being filled by the decode thread, one being sent
+# One buffer being filled by the decode thread, one waiting in the slot, one being sent.
+BUFFERS = 3
 
 
 class LatestFrame:
-    """Hand-off of width×height yuv420p frames (the Scaler's output): the newest WAITING in order.
+    """Hand-off of width×height yuv420p frames (the Scaler's output) with latest-wins semantics.
 
     put() is called on the decode thread; next(), end() and close() on one event loop.
     The frame next() returns stays valid until the following next() or close().
@@ -55,7 +51,6 @@ class LatestFrame:
         self.units = units
         self._unit_last = False  # the last thing next() gave was an access unit
         self._stale = 0  # frames dropped because a unit came after them
-        self._skipped = 0  # frames the consumer passed over
         self._room = threading.Condition()  # wait=True: the consumer took the waiting frame
         self._released = False
         self._slot: FrameSlot[av.VideoFrame] = FrameSlot(self._new_buffer, BUFFERS)
@@ -67,6 +62,7 @@ class LatestFrame:
         self._current: av.VideoFrame | None = None
         self.ended = False  # end() was called: no frame will follow the newest one
         self.reformatted = 0  # frames not at the hand-off's size or format, converted first
+        self._unplaced = 0  # frames dropped in put() for want of a buffer
 
     def _new_buffer(self) -> av.VideoFrame:
         return av.VideoFrame(self.width, self.height, "yuv420p")
@@ -77,18 +73,16 @@ class LatestFrame:
 
     @property
     def dropped(self) -> int:
-        """Frames replaced by newer ones (or a unit) before the consumer took them, or skipped."""
-        return self._slot.dropped + self._stale + self._skipped
-
-    @property
-    def waiting(self) -> int:
-        """Frames waiting for the consumer."""
-        return self._slot.waiting
+        """Frames replaced by a newer one (or a unit) before the consumer took them."""
+        return self._slot.dropped + self._stale
 
     @property
     def pending(self) -> bool:
         """A frame is waiting for the consumer."""
-        return self._slot.waiting > 0
+        # Every published frame is taken, dropped (replaced) or waiting; an unplaced frame was
+        # dropped without being published.
+        slot = self._slot
+        return slot.published - slot.taken - (slot.dropped - self._unplaced) > 0
 
     @property
     def current(self) -> av.VideoFrame | av.Packet | None:
@@ -110,6 +104,7 @@ class LatestFrame:
             self.reformatted += 1
         buf = self._slot.acquire()
         if buf is None:  # every buffer is in use (cannot happen with one consumer): count it
+            self._unplaced += 1
             self._slot.drop()
             return
         copy_frame(frame, buf)
@@ -121,7 +116,7 @@ class LatestFrame:
         self._ready.set()
 
     async def next(self, repeat_after: float | None = None) -> tuple[av.VideoFrame | av.Packet, bool] | None:
-        """The next access unit or the oldest waiting frame, and True; after `repeat_after` seconds
+        """The next access unit or the newest frame, and True; after `repeat_after` seconds
         without either, the current one again and False (a unit: the last keyframe, and the
         units resume at the next one); None if nothing ever came, or once the input has ended."""
         self._loop = asyncio.get_running_loop()  # before the take: a later publish must wake it
@@ -150,13 +145,12 @@ class LatestFrame:
         units = self.units
         unit = units.take() if units is not None else None
         if unit is not None:
-            stale = self._slot.take()
-            if stale is not None:
-                while stale is not None:
+            if self.pending:
+                stale = self._slot.take()
+                if stale is not None:
                     self._slot.release(stale)
                     self._stale += 1
-                    stale = self._slot.take()
-                self._room_taken()
+                    self._room_taken()
             self._unit_last = True
             return unit
         fresh = self._slot.take()
@@ -168,10 +162,6 @@ class LatestFrame:
         self._unit_last = False
         self._room_taken()
         return fresh
-
-    def skip(self) -> None:
-        """The frame next() gave last goes unsent: counted with the dropped ones."""
-        self._skipped += 1
 
     def _room_taken(self) -> None:
         if self.wait:

@@ -1,8 +1,8 @@
 """Relay: one session's media path, input channel → processor → output channel.
 
     subscriber ─▶ MediaInput ─▶ LatestFrame ─▶ ProcessorLink ═══ WebRTC ═══ processor
-                  (decode +      (the newest    (paced send,                  │
-                   scale thread)  in order)      our x264)                    │
+                  (decode +      (newest wins)   (paced send,                  │
+                   scale thread)                  our x264)                    │
     publisher ◀── OutputPipeline ◀── returned frames, stamped on arrival ◀─────┘
                   (encode thread)    (+ the last one repeated while none come)
 
@@ -43,7 +43,7 @@ from relay_server.media.decoder import DecoderStats
 from relay_server.media.encoder import CLOCK, EncoderSettings, EncoderStats
 from relay_server.media.feeder import FeedStats
 from relay_server.media.h264 import Verdict, is_idr
-from relay_server.media.handoff import WAITING, LatestFrame
+from relay_server.media.handoff import LatestFrame
 from relay_server.media.input import MediaInput
 from relay_server.media.lastpicture import LastPicture, decode_last
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
@@ -110,7 +110,7 @@ class RelayStats:
         return {
             "input_corrupt": self.decoder.corrupt_packets,
             "input_units": self.units_dropped + self.paths.units_skipped,  # to resume at a keyframe
-            "input_replaced": self.frames_dropped,  # newer decoded frames came first, or it was late
+            "input_replaced": self.frames_dropped,  # newer decoded frame before it could be sent
             "processor_lost": self.link.send.presumed_lost,  # sent, never came back
             "output_replaced": self.pipeline.frames_dropped,  # newer returned frame before encoding
             "returned_units": self.link.units_dropped + self.pipeline.packets_dropped,
@@ -260,7 +260,7 @@ class Relay:
         sink = self._pipeline.sink
         return (
             QueueDepth("input_bytes", *self._input.buffered, "bytes"),
-            QueueDepth("decoded_frames", self._frames.waiting, WAITING, "frames"),
+            QueueDepth("decoded_frames", int(self._frames.pending), 1, "frames"),
             *(
                 [QueueDepth("input_units", len(self._units), self._units.capacity, "frames")]
                 if self._units is not None

@@ -1,10 +1,8 @@
 """SendTrack: the processor's input, paced by media time, encoded by our own x264.
 
 aiortc's sender pulls: it awaits recv() and sends whatever comes back at once, so pacing is the
-track's job. recv() takes the next frame from the LatestFrame hand-off, in order (a burst of
-input decoded at once waits there), passes it over for a newer one when it is over LATE past its
-media time or when the processor held the sender up (then the newest frame is what it should
-get; either way counted), waits until it is due by its media time, and encodes it. When the
+track's job. recv() takes the newest frame from the LatestFrame hand-off (older ones were
+dropped there, counted), waits until it is due by its media time, and encodes it. When the
 input stalls, the last frame goes again every `repeat_after` seconds: ComfyStream's track gives
 up for good after 5 s without an input frame.
 
@@ -16,7 +14,7 @@ link's encode thread; RTCP keyframe requests reach it through request_keyframe()
 
 At most `max_in_flight` frames are out at the processor at once (sent, not yet back): ComfyStream
 queues every input frame and a slow pipeline would fall ever further behind; held back, the
-sender sends what the processor returns, and the newest waiting frame is the next to go.
+sender sends what the processor returns, and the hand-off keeps only the newest frame meanwhile.
 
 Zero-transcode: the hand-off may give the input's own encoded access units instead of decoded
 frames (LatestFrame with AccessUnits). They are paced the same way and go out as they are; when
@@ -57,11 +55,6 @@ MAX_IN_FLIGHT = 4
 # Seconds of queued access units still sent at their media time (an input's jitter smoothed);
 # a longer backlog (a session joining mid-segment gets the segment so far at once) is caught up.
 BACKLOG_SMOOTHED = 0.1
-# Seconds past its media time after which a waiting frame is passed over for a newer one: input
-# that comes in bursts of up to this much (three frames at 30 fps in one network read) goes out
-# whole, late by up to that much (the pacer settles on the earliest arrivals); what a stall left
-# behind is let go.
-LATE = 0.1
 # A frame not back after this long is presumed dropped by the processor and stops counting.
 IN_FLIGHT_EXPIRY = 1.0
 
@@ -103,30 +96,24 @@ class InFlight:
             self._sent.popleft()
             self._returned.set()
 
-    async def room(self) -> bool:
-        """Wait until another frame may go out; True if that meant waiting for the processor."""
-        if not self.limit:
-            return False
-        waited = await self._until_fewer_than(self.limit)
-        self._stats.throttled_seconds += waited
-        return waited > 0
+    async def room(self) -> None:
+        """Wait until another frame may go out."""
+        if self.limit:
+            self._stats.throttled_seconds += await self._until_fewer_than(self.limit)
 
     async def drained(self) -> None:
         """Wait until every frame sent has come back (or is presumed lost)."""
         await self._until_fewer_than(1)
 
     async def _until_fewer_than(self, count: int) -> float:
-        """Seconds waited: 0.0 if there was room at once."""
         started = time.monotonic()
-        waited = False
         while True:
             now = time.monotonic()
             while self._sent and self._sent[0] <= now - self.expiry:
                 self._sent.popleft()
                 self._stats.presumed_lost += 1
             if len(self._sent) < count:
-                return now - started if waited else 0.0
-            waited = True
+                return now - started
             self._returned.clear()
             try:
                 async with asyncio.timeout(self._sent[0] + self.expiry - now):
@@ -174,9 +161,8 @@ class SendTrack(MediaStreamTrack):
             self.encoder.request_keyframe()
 
     async def recv(self) -> av.Packet | av.VideoFrame:  # aiortc packs packets, encodes frames
-        behind = False  # the processor held us up: the newest frame waiting is the one to send
         while self.readyState == "live":
-            behind = await self._in_flight.room() or behind
+            await self._in_flight.room()
             # Until the first frame there is nothing to repeat: wait for one without a timer.
             timeout = None if self._frames.current is None else self._repeat_after
             taken = await self._frames.next(timeout)
@@ -186,13 +172,6 @@ class SendTrack(MediaStreamTrack):
                 continue
             frame, fresh = taken
             if fresh:
-                if (
-                    isinstance(frame, av.VideoFrame)
-                    and self._frames.pending
-                    and self._passed_over(frame, behind)
-                ):
-                    self._frames.skip()
-                    continue
                 await self._until_due(frame)
             else:
                 self.stats.repeated += 1
@@ -227,17 +206,6 @@ class SendTrack(MediaStreamTrack):
         self._in_flight.sent(sent)
         self.stats.frames += 1
         return data
-
-    def _passed_over(self, frame: av.VideoFrame, behind: bool) -> bool:
-        """With a newer frame waiting: whether this one goes unsent. When the processor held the
-        sender up, the newest frame is what it should get next; otherwise frames go in order
-        unless this one is over LATE past its media time."""
-        if behind:
-            return True
-        if self._pacer is None or frame.pts is None or not frame.time_base:
-            return False
-        at = self._pacer.clock_time(float(frame.pts * frame.time_base))
-        return at is not None and at < time.monotonic() - LATE
 
     async def _until_due(self, frame: av.VideoFrame | av.Packet) -> None:
         now = time.monotonic()

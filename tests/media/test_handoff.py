@@ -9,7 +9,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from relay_server.media.handoff import BUFFERS, LatestFrame
+from relay_server.media.handoff import LatestFrame
 
 WIDTH, HEIGHT = 64, 48
 CLOCK = Fraction(1, 90_000)
@@ -45,28 +45,24 @@ async def test_next_before_any_frame_returns_none() -> None:
     assert (frames.published, frames.dropped) == (0, 0)
 
 
-async def test_frames_wait_in_order_and_the_oldest_beyond_the_buffers_are_dropped() -> None:
+async def test_newest_wins_and_replaced_frames_are_counted() -> None:
     frames = LatestFrame(WIDTH, HEIGHT)
-    count = BUFFERS + 2
-    sources = [solid(10 + index, 100 * index) for index in range(count)]
+    sources = [solid(level, pts) for level, pts in ((10, 100), (20, 200), (30, 300))]
     for source in sources:
         frames.put(source)
-    assert frames.waiting == BUFFERS
     # The hand-off holds copies: changing the producer's frames afterwards changes nothing.
     for source in sources:
         np.frombuffer(memoryview(source.planes[0]), np.uint8)[:] = 255
-    taken = []
-    while frames.pending:
-        result = await frames.next(1.0)
-        assert result is not None and result[1]
-        frame = result[0]
-        assert frame not in sources and frames.current is frame
-        assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
-        taken.append((frame.pts, levels(frame)[0]))
-    assert taken == [(100 * index, 10 + index) for index in range(2, count)]
-    assert (frames.published, frames.dropped) == (count, 2)
-    frames.skip()  # the consumer passes over the frame it took last: counted
-    assert frames.dropped == 3
+    taken = await frames.next(1.0)
+    assert taken is not None
+    frame, fresh = taken
+    assert fresh
+    assert frame not in sources
+    assert levels(frame) == (30, 15, 15)
+    assert (frame.pts, frame.time_base) == (300, CLOCK)
+    assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
+    assert (frames.published, frames.dropped) == (3, 2)
+    assert frames.current is frame
     frames.close()
     assert frames.current is None
 
@@ -102,7 +98,7 @@ async def test_put_from_another_thread_wakes_a_waiting_next() -> None:
     assert taken[1] and taken[0].pts == 4200 and levels(taken[0])[0] == 42
 
 
-async def test_many_frames_from_a_thread_arrive_in_order_and_every_one_is_accounted_for() -> None:
+async def test_many_frames_from_a_thread_latest_wins_and_every_one_is_accounted_for() -> None:
     frames = LatestFrame(WIDTH, HEIGHT)
     count = 500
     done = threading.Event()
@@ -136,13 +132,12 @@ async def test_frames_of_another_size_or_format_are_reformatted() -> None:
     frames.put(solid(100, 9, width=WIDTH * 2, height=HEIGHT * 2))
     frames.put(solid(100, 10, fmt="rgb24", chroma=128))  # grey: exact through RGB
     assert frames.reformatted == 2
-    for pts in (9, 10):
-        taken = await frames.next(1.0)
-        assert taken is not None
-        frame, _ = taken
-        assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
-        assert frame.pts == pts
-        assert abs(levels(frame)[0] - 100) < 3
+    taken = await frames.next(1.0)
+    assert taken is not None
+    frame, _ = taken
+    assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
+    assert frame.pts == 10
+    assert abs(levels(frame)[0] - 100) < 3
     frames.put(solid(50, 11))  # the hand-off's own size and format: copied as is
     assert frames.reformatted == 2
 

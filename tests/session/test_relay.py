@@ -209,42 +209,18 @@ async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
     assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
 
 
-async def publish_live(publisher: Publisher, clip: Clip, behind: float = 0.0, burst: int = 1) -> None:
-    """Each segment streamed in pieces of `burst` frames' size at the clip's frame rate: a live
-    input; its first `behind` seconds at once (a relay joining a live channel that far into a
-    segment)."""
+async def publish_live(publisher: Publisher, clip: Clip, behind: float = 0.0) -> None:
+    """Each segment streamed in frame-sized pieces at the clip's frame rate: a live input; its
+    first `behind` seconds at once (a relay joining a live channel that far into a segment)."""
     loop = asyncio.get_running_loop()
     start, frame = loop.time() - behind, 0
     for data in clip.segments:
         async with await publisher.segment() as segment:
-            pieces = clip.spec.gop // burst
+            pieces = clip.spec.gop
             for piece in range(pieces):
-                frame += burst
+                frame += 1
                 await asyncio.sleep(max(0.0, start + frame / clip.spec.fps - loop.time()))
                 await segment.write(data[piece * len(data) // pieces : (piece + 1) * len(data) // pieces])
-
-
-async def test_an_input_that_comes_in_bursts_keeps_its_frames(trickle_server: TrickleServer) -> None:
-    """Three frames' worth of input at a time, every 0.1 s (as a publisher that flushes its
-    writes so would send them): decoded together, the frames of a burst wait in order and go out
-    at their media time, instead of all but the newest being replaced."""
-    clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=90, gop=15))
-    # A processor that queues its input: one that keeps only the newest of frames arriving
-    # together would lose what this is about.
-    fifo = ProcessorServer(knobs=Knobs(queue=16))
-    async with fifo as processor, session(trickle_server, processor.url, video_mode=VideoMode.TRANSCODE) as s:
-        await publish_live(s.source, clip, burst=3)
-        await s.source.close()
-    with av.open(io.BytesIO(b"".join(s.output.segments)), format="mpegts") as container:
-        returned = {read_index(frame) for frame in container.decode(video=0)}
-    assert s.relay.stats.paths.send == "encode"  # decoded: the frames, not the units, are kept
-    # What still goes is what a processor that held the sender up (at a keyframe, say) let pass:
-    # then the newest frame is the one it gets. Replaced by the newest of each burst, as the
-    # frames were before, about half would be gone.
-    assert len(returned) >= 0.9 * clip.spec.frames, (
-        sorted(set(range(clip.spec.frames)) - returned),
-        s.relay.stats.drops,
-    )
 
 
 async def test_the_inputs_audio_is_carried_in_sync_with_the_returned_video(
