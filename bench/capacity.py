@@ -441,37 +441,55 @@ def main(quick: bool = False) -> Path:
     return write(report.timed_run(run, quick))
 
 
+def count_row(result: dict[str, Any]) -> dict[str, Any]:
+    """One swept count (aggregate()'s result) as a report row; the figures only if a window ran."""
+    count = result["sessions"]
+    row: dict[str, Any] = {
+        "sessions": count,
+        "holds": "yes" if result["holds"] else "no",
+        "held in": f"{result['held']}/{len(result['runs'])}",
+    }
+    if "fps min" in result:
+        row.update(
+            {
+                "fps min": report.rounded(result["fps min"], 1),
+                "fps median": report.rounded(result["fps median"], 1),
+                "p50 ms worst": report.rounded(result["p50 ms worst"], 0),
+                "p99 ms worst": report.rounded(result["p99 ms worst"], 0),
+                "lost": result["lost"],
+                "of": result["of"],
+                "relay cores": report.rounded(result["relay cores"], 2),
+                "relay cores/session": report.rounded(result["relay cores"] / count, 3),
+                "processors cores": report.rounded(result["processors cores"], 2),
+                "processors cores/session": report.rounded(result["processors cores"] / count, 3),
+                "source+readers cores": report.rounded(result["source+readers cores"], 2),
+                "others cores": report.rounded(result["others cores"], 2),
+                "box idle cores": report.rounded(result["box idle cores"], 2),
+                "source fps": report.rounded(result["source fps"], 1),
+                "settle s": report.rounded(result["settle seconds"], 1),
+            }
+        )
+    return row
+
+
+def aligned(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows with the same columns, blank where missing: those of `columns` some row has (in that
+    order), or else those of the fullest row."""
+    if columns is None:
+        columns = list(max(rows, key=len)) if rows else []
+    present = [column for column in columns if any(column in row for row in rows)]
+    return [{column: row.get(column) for column in present} for row in rows]
+
+
+CAPACITY_COLUMNS = [
+    "sessions", "holds", "held in", "fps min", "fps median", "p50 ms worst", "p99 ms worst", "lost",
+    "of", "relay cores", "relay cores/session", "processors cores", "source+readers cores",
+    "others cores", "box idle cores", "source fps", "settle s",
+]  # fmt: skip
+
+
 def write(results: dict[str, Any]) -> Path:
-    rows = []
-    for result in results["counts"]:
-        repeats = len(result["runs"])
-        row: dict[str, Any] = {
-            "sessions": result["sessions"],
-            "holds": "yes" if result["holds"] else "no",
-            "held in": f"{result['held']}/{repeats}",
-        }
-        if "fps min" in result:
-            row.update(
-                {
-                    "fps min": report.rounded(result["fps min"], 1),
-                    "fps median": report.rounded(result["fps median"], 1),
-                    "p50 ms worst": report.rounded(result["p50 ms worst"], 0),
-                    "p99 ms worst": report.rounded(result["p99 ms worst"], 0),
-                    "lost": result["lost"],
-                    "of": result["of"],
-                    "relay cores": report.rounded(result["relay cores"], 2),
-                    "relay cores/session": report.rounded(result["relay cores"] / result["sessions"], 3),
-                    "processors cores": report.rounded(result["processors cores"], 2),
-                    "source+readers cores": report.rounded(result["source+readers cores"], 2),
-                    "others cores": report.rounded(result["others cores"], 2),
-                    "box idle cores": report.rounded(result["box idle cores"], 2),
-                    "source fps": report.rounded(result["source fps"], 1),
-                    "settle s": report.rounded(result["settle seconds"], 1),
-                }
-            )
-        rows.append(row)
-    columns = max(rows, key=len) if rows else {}
-    rows = [{column: row.get(column) for column in columns} for row in rows]
+    rows = aligned([count_row(result) for result in results["counts"]], CAPACITY_COLUMNS)
     held = results["held"]
     failed = [result["sessions"] for result in results["counts"] if not result["holds"]]
     if failed:

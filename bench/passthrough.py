@@ -75,6 +75,12 @@ RTP_MODES = ["transcode", "passthrough"]  # one more window each, aiortc's RTP p
 RTP_NUMBER = 998
 EVENT_LOOP = "event loop: HTTP, RTP, pacing, gRPC"  # e2e's stage
 CAPACITY_MODES = ["transcode", "passthrough"]
+# The capacity table's columns (bench.capacity.count_row's, and the mode and notes).
+CAPACITY_COLUMNS = [
+    "mode", "sessions", "holds", "held in", "fps min", "p99 ms worst", "lost", "of", "relay cores",
+    "relay cores/session", "processors cores", "processors cores/session", "source+readers cores",
+    "others cores", "box idle cores", "notes",
+]  # fmt: skip
 CAPACITY_COUNTS = {True: [1, 2, 4, 6], False: capacity.COUNTS[False]}
 CAPACITY_SECONDS = {True: 5.0, False: 10.0}
 CAPACITY_REPEATS = {True: 1, False: 2}
@@ -674,35 +680,11 @@ def write(results: dict[str, Any]) -> Path:
     capacity_rows = []
     for variant, sweep in sweeps.items():
         for result in sweep["counts"]:
-            count = result["sessions"]
-            capacity_row: dict[str, Any] = {
-                "mode": variant,
-                "sessions": count,
-                "holds": "yes" if result["holds"] else "no",
-                "held in": f"{result['held']}/{len(result['runs'])}",
-            }
-            if "fps min" in result:
-                capacity_row.update(
-                    {
-                        "fps min": report.rounded(result["fps min"], 1),
-                        "p99 ms worst": report.rounded(result["p99 ms worst"], 0),
-                        "lost": result["lost"],
-                        "of": result["of"],
-                        "relay cores": report.rounded(result["relay cores"], 2),
-                        "relay cores/session": report.rounded(result["relay cores"] / count, 3),
-                        "processors cores": report.rounded(result["processors cores"], 2),
-                        "processors cores/session": report.rounded(result["processors cores"] / count, 3),
-                        "source+readers cores": report.rounded(result["source+readers cores"], 2),
-                        "others cores": report.rounded(result["others cores"], 2),
-                        "box idle cores": report.rounded(result["box idle cores"], 2),
-                    }
-                )
             problems = [p for run in result["runs"] for p in run.get("paths problems", [])]
             errors = result.get("errors", [])
-            capacity_row["notes"] = "; ".join([*errors[:1], *problems[:1]])
-            capacity_rows.append(capacity_row)
-    capacity_columns = max(capacity_rows, key=len) if capacity_rows else {}
-    capacity_rows = [{column: row.get(column) for column in capacity_columns} for row in capacity_rows]
+            notes = "; ".join([*errors[:1], *problems[:1]])
+            capacity_rows.append({"mode": variant, **capacity.count_row(result), "notes": notes})
+    capacity_rows = capacity.aligned(capacity_rows, CAPACITY_COLUMNS)
 
     bounds_text = []
     relay_alone: dict[str, float] = {}
