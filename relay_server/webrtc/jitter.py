@@ -121,22 +121,28 @@ def keyframe_request(receiver: Any) -> Coroutine[Any, Any, None] | None:
     """A request to the sender of `receiver`'s video for a keyframe (RTCP PLI), for the caller to
     run; None when there is no one to ask yet: no MarkerJitterBuffer installed, or no packet
     received (aiortc itself drops the PLI until the connection has its RTCP SSRC)."""
-    buffer = getattr(receiver, _BUFFER, None)
-    if not isinstance(buffer, MarkerJitterBuffer) or buffer.ssrc is None:
+    media_ssrc = _media_ssrc(receiver)
+    if media_ssrc is None:
         return None
-    request: Coroutine[Any, Any, None] = receiver._send_rtcp_pli(buffer.ssrc)
+    request: Coroutine[Any, Any, None] = receiver._send_rtcp_pli(media_ssrc)
     return request
 
 
 def bitrate_request(receiver: Any, bitrate: int) -> Coroutine[Any, Any, None] | None:
     """A request to the sender of `receiver`'s video to send at `bitrate` bits per second (RTCP
     REMB), for the caller to run; None when there is no one to ask yet (as keyframe_request)."""
-    buffer = getattr(receiver, _BUFFER, None)
-    rtcp_ssrc = getattr(receiver, _RTCP_SSRC, None)
-    if not isinstance(buffer, MarkerJitterBuffer) or buffer.ssrc is None or rtcp_ssrc is None:
+    media_ssrc, rtcp_ssrc = _media_ssrc(receiver), getattr(receiver, _RTCP_SSRC, None)
+    if media_ssrc is None or rtcp_ssrc is None:
         return None
     remb = RtcpPsfbPacket(
-        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, [buffer.ssrc])
+        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, [media_ssrc])
     )
     request: Coroutine[Any, Any, None] = receiver._send_rtcp(remb)
     return request
+
+
+def _media_ssrc(receiver: Any) -> int | None:
+    """The SSRC of the video `receiver` gets, from its MarkerJitterBuffer's packets (None: no
+    such buffer, or no packet yet)."""
+    buffer = getattr(receiver, _BUFFER, None)
+    return buffer.ssrc if isinstance(buffer, MarkerJitterBuffer) else None
