@@ -31,16 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import io
 import json
 import logging
 import math
 import os
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -71,7 +68,6 @@ from bench.webrtc import Processor
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.media.encoder import CLOCK, VideoEncoder
-from relay_server.media.handoff import LatestFrame
 from relay_server.media.scaler import ScaleMode, Scaler
 from relay_server.media.segmenter import Segmenter
 from relay_server.service.server import RelayServer
@@ -96,51 +92,12 @@ CONNECT_TIMEOUT = 30.0
 TARGET_FPS = 150.0  # issue: catch-up throughput
 
 MAX_WINDOW = 10.0  # seconds at most of a window (a variant that processes every frame is slow)
-WHAT_IF = "what-if: decoder waits for the sender"
-ALL_VARIANTS = {
+VARIANTS = {
     "catch-up": LinkSettings(pace=False),
     "catch-up, 8 in flight": LinkSettings(pace=False, max_in_flight=8),
     "catch-up, no in-flight limit": LinkSettings(pace=False, max_in_flight=0),
     "live default (paced)": LinkSettings(),
-    WHAT_IF: LinkSettings(pace=False),  # with decoder_waits(): not the relay's behaviour
 }
-# A relay whose hand-off can make the decoder wait (LatestFrame(wait=...)) may do so itself in
-# catch-up: the what-if is then what `catch-up` measures, and is left out.
-RELAY_WAITS = "wait" in inspect.signature(LatestFrame.__init__).parameters
-VARIANTS = {name: link for name, link in ALL_VARIANTS.items() if name != WHAT_IF or not RELAY_WAITS}
-
-
-@contextlib.contextmanager
-def decoder_waits() -> Iterator[None]:
-    """A what-if, in this process only: LatestFrame.put() (the decode thread's hand-off to the
-    sender) waits, up to a second, until the sender has taken the frame before, instead of
-    replacing it. The decoder then goes at the sender's pace and every input frame is sent: what
-    an input with back-pressure would give in catch-up. Patched on the class while it lasts."""
-    put, take = LatestFrame.put, LatestFrame.next
-
-    def waiting_put(self: LatestFrame, frame: av.VideoFrame) -> None:
-        taken = self.__dict__.setdefault("_bench_taken", threading.Event())
-        deadline = time.monotonic() + 1.0  # never stuck: a stopped sender takes nothing
-        while self.pending and time.monotonic() < deadline:
-            taken.clear()
-            if self.pending:  # taken between the look and the clear: the event was set before
-                taken.wait(0.05)
-        put(self, frame)
-
-    async def signalling_next(
-        self: LatestFrame, repeat_after: float | None = None
-    ) -> tuple[av.VideoFrame, bool] | None:
-        result = await take(self, repeat_after)
-        taken = self.__dict__.get("_bench_taken")
-        if taken is not None:
-            taken.set()
-        return result
-
-    LatestFrame.put, LatestFrame.next = waiting_put, signalling_next  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        LatestFrame.put, LatestFrame.next = put, take  # type: ignore[method-assign]
 
 
 # -- the child: trickle server, full-speed publisher, output scanner ------------------------------
@@ -555,8 +512,7 @@ async def run(quick: bool) -> dict[str, Any]:
         await bench.start()
         for repeat in range(repeats):  # interleaved: drift in the machine hits every variant alike
             for variant in VARIANTS:
-                with decoder_waits() if variant == WHAT_IF else contextlib.nullcontext():
-                    results["runs"][variant].append(await bench.run(variant, repeat))
+                results["runs"][variant].append(await bench.run(variant, repeat))
     return results
 
 
@@ -592,7 +548,7 @@ def write(results: dict[str, Any]) -> Path:
         median = {key: report.median([run[key] for run in runs]) for key, _ in ROW_FIGURES}
         medians[variant] = median
         row: dict[str, Any] = {"variant": variant}
-        settings = ALL_VARIANTS[variant]
+        settings = VARIANTS[variant]
         row["pace"] = "on" if settings.pace else "off"
         row["max in flight"] = settings.max_in_flight or "none"
         for key, digits in ROW_FIGURES:
@@ -620,7 +576,7 @@ def write(results: dict[str, Any]) -> Path:
     ceiling = 1000 * cpus / (relay_raw + processor_raw)
     catch, wider = medians["catch-up"], medians["catch-up, 8 in flight"]
     racing = catch["input replaced %"] >= 5  # the relay's decoder does not wait for the sender
-    waits = medians.get(WHAT_IF, catch)  # the decoder waiting: patched, or the relay's own
+    waits = catch  # the relay's decoder waits for the sender in catch-up
     verdict = "met" if catch["published fps"] >= TARGET_FPS else "missed"
     best_name, best = max(medians.items(), key=lambda item: item[1]["published fps"])
     input_cores = {
@@ -631,19 +587,13 @@ def write(results: dict[str, Any]) -> Path:
     fps, speed, replaced = catch["published fps"], catch["media speed"], catch["input replaced %"]
     gain = 100 * (wider["published fps"] / fps - 1)
     stock_cpu = raw["processor"]["stock encode ms/frame"]
-    waiting = "the what-if below" if WHAT_IF in medians else "`catch-up`"
+    waiting = "`catch-up`"
     if racing:
         decoder = f"""\
 - The relay's own input decoder races ahead: it never waits for the sender (the hand-off keeps the
   newest frame), so it decodes every input frame, at {catch["decoded fps"]:.0f} fps
   ({input_cores["catch-up"]:.2f} cores), for frames it then drops; the relay takes
   {catch["relay cores"]:.2f} cores, {catch["relay cpu ms/returned"]:.1f} ms per returned frame.
-"""
-        if WHAT_IF in medians:
-            decoder += f"""\
-  The what-if variant (a bench-only patch: the hand-off makes the decoder wait for the sender)
-  sends every input frame: {waits["published fps"]:.0f} fps at {waits["relay cores"]:.2f} relay cores
-  ({waits["relay cpu ms/returned"]:.1f} ms per frame, input decode {input_cores[WHAT_IF]:.2f} cores).
 """
     else:
         decoder = f"""\

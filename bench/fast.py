@@ -75,17 +75,6 @@ def chunkqueue_single(impl: SimpleNamespace, pairs: int) -> dict[str, float]:
     return {"ns_per_pair": (time.perf_counter() - start) / pairs * 1e9}
 
 
-def frameslot_cycle(impl: SimpleNamespace, cycles: int) -> dict[str, float]:
-    """acquire() + publish() + take() + release() in one thread."""
-    slot = impl.FrameSlot(list)
-    acquire, publish, take, release = slot.acquire, slot.publish, slot.take, slot.release
-    start = time.perf_counter()
-    for _ in range(cycles):
-        publish(acquire())
-        release(take())
-    return {"ns_per_cycle": (time.perf_counter() - start) / cycles * 1e9}
-
-
 def _frame(width: int, height: int, line_size: int | None = None) -> av.VideoFrame:
     if line_size is None:
         return av.VideoFrame(width, height, "yuv420p")
@@ -111,7 +100,6 @@ def run(quick: bool) -> dict[str, Any]:
         "chunkqueue_threads_whole_chunks": lambda impl: chunkqueue_threaded(impl, 20_000 * scale, -1),
         "chunkqueue_threads_pyav_reads": lambda impl: chunkqueue_threaded(impl, 20_000 * scale, PYAV_READ),
         "chunkqueue_single_thread": lambda impl: chunkqueue_single(impl, 50_000 * scale),
-        "frameslot_cycle": lambda impl: frameslot_cycle(impl, 50_000 * scale),
         "copy_frame_512": lambda impl: copy_frame(impl, 512, 512, False, 300 * scale),
         "copy_frame_512_row_by_row": lambda impl: copy_frame(impl, 512, 512, True, 300 * scale),
         "copy_frame_720p": lambda impl: copy_frame(impl, 1280, 720, False, 100 * scale),

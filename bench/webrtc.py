@@ -1,7 +1,7 @@
 """The WebRTC leg: our ProcessorLink against a stock aiortc client, through the same processor.
 
 - relay: ProcessorLink (our x264, ultrafast/zerolatency/baseline, packets handed to aiortc), fed
-  by a producer thread putting frames into a LatestFrame at 30 fps, as the decode thread does;
+  by a producer thread putting frames into a FrameQueue at 30 fps, as the decode thread does;
 - aiortc default: an RTCPeerConnection with a sendrecv H.264 transceiver whose track returns the
   same av.VideoFrames paced at 30 fps, encoded by aiortc's stock H264Encoder.
 The processor (`python -m relay_server processor`, passthrough: no prompts) runs in a process of
@@ -39,7 +39,7 @@ from av.frame import Frame
 from bench import report
 from bench.media import FPS, SIZES, source_frames
 from relay_server.media.encoder import CLOCK
-from relay_server.media.handoff import LatestFrame
+from relay_server.media.handoff import FrameQueue
 from relay_server.webrtc import ProcessorLink
 from relay_server.webrtc.roundtrip import LatencyWindow, RoundTrip
 from relay_server.webrtc.signaling import negotiate
@@ -158,7 +158,7 @@ async def measure(
     }
 
 
-def _produce(frames: list[av.VideoFrame], hand_off: LatestFrame, stop: threading.Event) -> None:
+def _produce(frames: list[av.VideoFrame], hand_off: FrameQueue, stop: threading.Event) -> None:
     """The decode thread's part: a frame into the hand-off every 1/FPS s, media time running on."""
     started = time.monotonic()
     index = 0
@@ -173,9 +173,9 @@ def _produce(frames: list[av.VideoFrame], hand_off: LatestFrame, stop: threading
 
 
 async def run_relay(processor: Processor, frames: list[av.VideoFrame], seconds: float) -> dict[str, Any]:
-    hand_off = LatestFrame(frames[0].width, frames[0].height)
+    hand_off = FrameQueue(frames[0].width, frames[0].height)
 
-    async def on_frame(frame: av.VideoFrame, arrival: float) -> None:
+    async def on_frame(frame: av.VideoFrame, arrival: float, media: int | None) -> None:
         pass
 
     link = ProcessorLink(processor.url, hand_off, on_frame, name="bench")

@@ -87,6 +87,7 @@ function plainSession(session) {
       prompts: config.prompts.map(fromStruct),
       encoder: config.encoder && { ...config.encoder, gop: seconds(config.encoder.gop) },
       offer_timeout: seconds(config.offer_timeout),
+      latency_budget: seconds(config.latency_budget),
     },
     stats: stats && {
       ...stats,

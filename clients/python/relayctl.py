@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--allow-shared-processor", action="store_true", help="share the processor URL")
     start.add_argument("--offer-timeout", type=float, metavar="S", help="processor answer deadline (60 s)")
+    start.add_argument(
+        "--latency-budget",
+        type=float,
+        metavar="S",
+        help="how far behind the input's live edge a frame may still be sent (0.5 s)",
+    )
 
     for name, text in (("stop", "stop a session"), ("get", "show one session")):
         command = commands.add_parser(name, parents=[common], help=text)
@@ -189,6 +195,8 @@ def start_request(args: argparse.Namespace) -> pb.StartSessionRequest:
         request.output_fill = FILLS[args.fill]
     if args.offer_timeout is not None:
         request.offer_timeout.CopyFrom(seconds(args.offer_timeout))
+    if args.latency_budget is not None:
+        request.latency_budget.CopyFrom(seconds(args.latency_budget))
     if args.mode is not None:
         request.mode = MODES[args.mode]
     return request

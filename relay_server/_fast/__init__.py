@@ -2,7 +2,6 @@
 
 - ChunkQueue: bytes from the stream subscriber (event loop) to the demuxer (decode thread), read as
   a file-like object; the reader blocks without the GIL.
-- FrameSlot: latest-wins hand-off of pooled frame buffers from the decode thread to the sender.
 - copy_frame: copies a decoded frame into a pooled one without allocating.
 
 Each comes in a compiled build (Cython in pure-Python mode: chunkqueue.py + .pxd, ...) and a plain
@@ -22,13 +21,13 @@ from typing import TYPE_CHECKING
 
 from ._chunkqueue_py import QueueAborted
 
-__all__ = ["IMPLEMENTATION", "ChunkQueue", "FrameSlot", "QueueAborted", "copy_frame", "implementations"]
+__all__ = ["IMPLEMENTATION", "ChunkQueue", "QueueAborted", "copy_frame", "implementations"]
 
 log = logging.getLogger(__name__)
 
 _MODULES = {
-    "cython": ("chunkqueue", "frameslot", "planes"),
-    "python": ("_chunkqueue_py", "_frameslot_py", "_planes_py"),
+    "cython": ("chunkqueue", "planes"),
+    "python": ("_chunkqueue_py", "_planes_py"),
 }
 
 
@@ -41,12 +40,11 @@ def _load(name: str) -> SimpleNamespace:
         if name == "cython" and not isinstance(spec and spec.loader, ExtensionFileLoader):
             raise ImportError(f"{qualified} is not compiled (build it with `pip install -e .`)")
         modules.append(import_module(qualified))
-    chunkqueue, frameslot, planes = modules
+    chunkqueue, planes = modules
     return SimpleNamespace(
         name=name,
         ChunkQueue=chunkqueue.ChunkQueue,
         QueueAborted=chunkqueue.QueueAborted,
-        FrameSlot=frameslot.FrameSlot,
         copy_frame=planes.copy_frame,
     )
 
@@ -64,17 +62,15 @@ IMPLEMENTATION: str = _active.name
 if TYPE_CHECKING:
     # Both builds have this API; the compiled one's is in its .pyi stubs.
     from ._chunkqueue_py import ChunkQueue
-    from ._frameslot_py import FrameSlot
     from ._planes_py import copy_frame
 else:
     ChunkQueue = _active.ChunkQueue
-    FrameSlot = _active.FrameSlot
     copy_frame = _active.copy_frame
 
 
 def implementations() -> dict[str, SimpleNamespace]:
     """Every build that can be used here, by name ("cython", "python"), for tests and benchmarks.
 
-    Each has the attributes name, ChunkQueue, QueueAborted, FrameSlot and copy_frame.
+    Each has the attributes name, ChunkQueue, QueueAborted and copy_frame.
     """
     return dict(_available)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 
 from relay_server._fast import ChunkQueue
+from relay_server.trickle.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
+
+
+class InputNotFound(LookupError):
+    """The input channel did not appear within the subscriber's start-up grace."""
 
 
 @dataclass
@@ -23,13 +28,17 @@ class FeedStats:
 
 
 async def feed(
-    subscriber: AsyncIterable[AsyncIterable[bytes]], queue: ChunkQueue, stats: FeedStats | None = None
+    subscriber: AsyncIterable[AsyncIterable[bytes]],
+    queue: ChunkQueue,
+    stats: FeedStats | None = None,
+    on_chunk: Callable[[bytes], object] | None = None,
 ) -> None:
     """Put every chunk of every segment into `queue`, then close it (end of stream).
+    `on_chunk` sees each chunk first, as it arrives (the session timeline stamps arrivals).
 
     Cancellation or a subscriber failure aborts the queue, so the decoder stops too, and is
-    re-raised. When the decoder aborted the queue (it stopped, and reports why itself), feeding
-    just ends.
+    re-raised; so is InputNotFound for a Subscriber whose channel never appeared. When the
+    decoder aborted the queue (it stopped, and reports why itself), feeding just ends.
     """
     stats = FeedStats() if stats is None else stats
     loop = asyncio.get_running_loop()
@@ -40,6 +49,8 @@ async def feed(
         async for segment in subscriber:
             stats.segments += 1
             async for chunk in segment:
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 writable.clear()
                 try:
                     full = queue.put(chunk)
@@ -51,6 +62,9 @@ async def feed(
                 if full:
                     stats.waits += 1
                     await writable.wait()
+        if not stats.segments and isinstance(subscriber, Subscriber) and subscriber.end_reason == "not_found":
+            grace = subscriber.startup_grace
+            raise InputNotFound(f"input channel {subscriber.url} not found after {grace:g} s")
         queue.close()
     except BaseException:
         queue.abort()

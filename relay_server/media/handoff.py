@@ -1,18 +1,22 @@
-"""LatestFrame: decoded frames from the decode thread to the event loop, newest wins.
+"""FrameQueue: decoded frames from the decode thread to the sender, in order, bounded.
 
-    decode thread ─put(frame)─▶ FrameSlot (pooled copies) ─▶ await next(timeout) on the loop
-                  └put(unit)──▶ AccessUnits (in order) ──┘   (zero-transcode: encoded units)
+    decode thread ─put(frame)─▶ deque of pooled copies (≤ capacity) ─▶ await next() on the loop
+                  └AccessUnits (zero-transcode: the input's own units)─┘   (the older head first)
 
-The consumer (the paced sender) wants the newest frame whenever it is ready for one, and the
-frame it had before when nothing new came in time (the processor must keep seeing frames while
-the input stalls). Frames are copied into a few pooled buffers (_fast.copy_frame), so the steady
-state allocates nothing and the decoder's own frames are free the moment put() returns. A frame
-replaced before the consumer took it is counted in `dropped`.
+Every frame goes to the sender in input order: the sender asks the session timeline what to do
+with each (send it at its media time, or let it go because it is a join backlog or past the
+latency budget), so a burst of frames is smoothed rather than thinned. Frames are copied into
+pooled buffers (_fast.copy_frame): the decoder's own frames are free the moment put() returns and
+the steady state allocates nothing. A queue that reaches `capacity` (the sender is held up for
+longer than any budget) lets its oldest frame go, counted in `dropped`.
 
-The decode thread may also forward the input's encoded access units as they are (AccessUnits,
-units.py), switching between the two at keyframes. next() gives the units first: a decoded frame
-still waiting when a unit comes is older than it (decoding stopped where forwarding began), so it
-is dropped; units still queued when decoding resumes are older than its frames.
+The consumer also wants the frame it had before when nothing new comes in time (the processor must
+keep seeing frames while the input stalls): next(repeat_after) gives the current one again.
+
+The decode thread may forward the input's encoded access units as they are (AccessUnits,
+units.py), switching between the two at keyframes. Whichever queue's head is older (by pts) goes
+first: frames decoded before forwarding began, and units queued before decoding resumed, are
+older than what follows them.
 """
 
 from __future__ import annotations
@@ -20,69 +24,71 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
+from collections import deque
+from typing import NamedTuple
 
 import av
 
-from relay_server._fast import FrameSlot, copy_frame
+from relay_server._fast import copy_frame
 from relay_server.media.units import AccessUnits
 
-# One buffer being filled by the decode thread, one waiting in the slot, one being sent.
-BUFFERS = 3
+# Frames waiting for the sender: about a second at 30 fps, more than the latency budget lets
+# wait; live, the sender holds one or two.
+CAPACITY = 32
 
 
-class LatestFrame:
-    """Hand-off of width×height yuv420p frames (the Scaler's output) with latest-wins semantics.
+class Taken(NamedTuple):
+    item: av.VideoFrame | av.Packet
+    fresh: bool  # False: the current one again (the input stalled)
+    ready: float  # clock time the decode thread handed it over (a unit: when it was taken)
 
-    put() is called on the decode thread; next(), end() and close() on one event loop.
+
+class FrameQueue:
+    """Hand-off of width×height yuv420p frames (the Scaler's output), in order.
+
+    put() is called on the decode thread; next(), first(), end() and close() on one event loop.
     The frame next() returns stays valid until the following next() or close().
 
-    With `wait=True` nothing is dropped: put() waits (on the decode thread) while a frame is
-    still waiting for the consumer, so decoding goes at the consumer's pace. That is for catch-up
-    (a sender that does not pace by media time): decoding frames only to replace them would
-    spend the CPU the sender needs. release() ends such waits for good.
+    With `wait=True` nothing is dropped: put() waits (on the decode thread) while a frame is still
+    waiting for the consumer, so decoding goes at the consumer's pace. That is for catch-up (a
+    sender that does not pace by media time). release() ends such waits for good.
     """
 
     def __init__(
-        self, width: int, height: int, *, wait: bool = False, units: AccessUnits | None = None
+        self,
+        width: int,
+        height: int,
+        *,
+        capacity: int = CAPACITY,
+        wait: bool = False,
+        units: AccessUnits | None = None,
     ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
         self.width = width
         self.height = height
+        self.capacity = capacity
         self.wait = wait
         self.units = units
-        self._unit_last = False  # the last thing next() gave was an access unit
-        self._stale = 0  # frames dropped because a unit came after them
-        self._room = threading.Condition()  # wait=True: the consumer took the waiting frame
+        self.put_count = 0  # frames handed over by the decode thread
+        self.dropped = 0  # oldest frames let go: the queue was full
+        self.reformatted = 0  # frames not at the hand-off's size or format, converted first
+        self.ended = False  # end() was called: nothing will follow what is queued
+        self._cond = threading.Condition()
+        self._frames: deque[tuple[av.VideoFrame, float]] = deque()
+        self._free: list[av.VideoFrame] = []
         self._released = False
-        self._slot: FrameSlot[av.VideoFrame] = FrameSlot(self._new_buffer, BUFFERS)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's, from its first next()
+        self._current: av.VideoFrame | None = None  # the frame the consumer took last
+        self._unit_last = False  # the last thing next() gave was an access unit
+        self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's
         self._ready = asyncio.Event()
-        self._slot.set_ready_callback(self._wake)
+        self._arrived = False  # a frame or unit was ever put
         if units is not None:
             units.set_ready_callback(self._wake)
-        self._current: av.VideoFrame | None = None
-        self.ended = False  # end() was called: no frame will follow the newest one
-        self.reformatted = 0  # frames not at the hand-off's size or format, converted first
-        self._unplaced = 0  # frames dropped in put() for want of a buffer
 
-    def _new_buffer(self) -> av.VideoFrame:
-        return av.VideoFrame(self.width, self.height, "yuv420p")
-
-    @property
-    def published(self) -> int:
-        return self._slot.published
-
-    @property
-    def dropped(self) -> int:
-        """Frames replaced by a newer one (or a unit) before the consumer took them."""
-        return self._slot.dropped + self._stale
-
-    @property
-    def pending(self) -> bool:
-        """A frame is waiting for the consumer."""
-        # Every published frame is taken, dropped (replaced) or waiting; an unplaced frame was
-        # dropped without being published.
-        slot = self._slot
-        return slot.published - slot.taken - (slot.dropped - self._unplaced) > 0
+    def __len__(self) -> int:
+        return len(self._frames)
 
     @property
     def current(self) -> av.VideoFrame | av.Packet | None:
@@ -93,33 +99,48 @@ class LatestFrame:
         return self._current
 
     def put(self, frame: av.VideoFrame) -> None:
-        """On the decode thread: make `frame` (its pixels, pts and time base) the newest."""
-        if self.wait:
-            with self._room:
-                self._room.wait_for(lambda: not self.pending or self._released)
+        """On the decode thread: queue a copy of `frame` (its pixels, pts and time base)."""
+        ready = time.monotonic()
+        with self._cond:
+            if self.wait:
+                self._cond.wait_for(lambda: not self._frames or self._released)
                 if self._released:
                     return
+            buffer = self._free.pop() if self._free else None
         if (frame.format.name, frame.width, frame.height) != ("yuv420p", self.width, self.height):
             frame = frame.reformat(self.width, self.height, "yuv420p")
             self.reformatted += 1
-        buf = self._slot.acquire()
-        if buf is None:  # every buffer is in use (cannot happen with one consumer): count it
-            self._unplaced += 1
-            self._slot.drop()
-            return
-        copy_frame(frame, buf)
-        self._slot.publish(buf)
+        if buffer is None:
+            buffer = av.VideoFrame(self.width, self.height, "yuv420p")
+        copy_frame(frame, buffer)
+        with self._cond:
+            self.put_count += 1
+            if len(self._frames) >= self.capacity:
+                oldest, _ = self._frames.popleft()
+                self._free.append(oldest)
+                self.dropped += 1
+            self._frames.append((buffer, ready))
+        self._wake()
+
+    async def first(self) -> None:
+        """Wait until the first frame or unit has been put, or the input has ended."""
+        self._loop = asyncio.get_running_loop()  # before the look: a later put must wake it
+        while not (self._arrived or self.ended):
+            self._ready.clear()
+            if self._arrived or self.ended:
+                break
+            await self._ready.wait()
 
     def end(self) -> None:
         """On the loop: the input has ended. next() returns what is left, then None at once."""
         self.ended = True
         self._ready.set()
 
-    async def next(self, repeat_after: float | None = None) -> tuple[av.VideoFrame | av.Packet, bool] | None:
-        """The next access unit or the newest frame, and True; after `repeat_after` seconds
-        without either, the current one again and False (a unit: the last keyframe, and the
-        units resume at the next one); None if nothing ever came, or once the input has ended."""
-        self._loop = asyncio.get_running_loop()  # before the take: a later publish must wake it
+    async def next(self, repeat_after: float | None = None) -> Taken | None:
+        """The oldest frame or unit waiting; after `repeat_after` seconds without one, the current
+        one again (a unit: the last keyframe, and the units resume at the next one); None if
+        nothing ever came, or once the input has ended and nothing is left."""
+        self._loop = asyncio.get_running_loop()  # before the take: a later put must wake it
         fresh = self._take()
         if fresh is None:
             if self.ended:
@@ -127,7 +148,7 @@ class LatestFrame:
             try:
                 async with asyncio.timeout(repeat_after):
                     while fresh is None:
-                        # Clear, then look: a publish after the look sets the event again.
+                        # Clear, then look: a put after the look sets the event again.
                         self._ready.clear()
                         fresh = self._take()
                         if fresh is None:
@@ -138,54 +159,54 @@ class LatestFrame:
                 again = self.current
                 if again is not None and self._unit_last and self.units is not None:
                     self.units.resume_at_keyframe()
-                return None if again is None else (again, False)
-        return fresh, True
-
-    def _take(self) -> av.VideoFrame | av.Packet | None:
-        units = self.units
-        unit = units.take() if units is not None else None
-        if unit is not None:
-            if self.pending:
-                stale = self._slot.take()
-                if stale is not None:
-                    self._slot.release(stale)
-                    self._stale += 1
-                    self._room_taken()
-            self._unit_last = True
-            return unit
-        fresh = self._slot.take()
-        if fresh is None:
-            return None
-        if self._current is not None:
-            self._slot.release(self._current)
-        self._current = fresh
-        self._unit_last = False
-        self._room_taken()
+                return None if again is None else Taken(again, False, time.monotonic())
         return fresh
 
-    def _room_taken(self) -> None:
-        if self.wait:
-            with self._room:
-                self._room.notify()
+    def _take(self) -> Taken | None:
+        units = self.units
+        head = units.head if units is not None else None
+        with self._cond:
+            older_frame = bool(self._frames) and (head is None or _pts(self._frames[0][0]) < _pts(head))
+            if older_frame:
+                frame, ready = self._frames.popleft()
+                if self._current is not None:
+                    self._free.append(self._current)
+                self._current = frame
+                self._unit_last = False
+                self._cond.notify()
+                return Taken(frame, True, ready)
+        unit = units.take() if units is not None and head is not None else None
+        if unit is None:
+            return None
+        self._unit_last = True
+        return Taken(unit, True, time.monotonic())
 
     def release(self) -> None:
         """Any thread: put() returns at once from now on (nobody takes frames any more)."""
-        with self._room:
+        with self._cond:
             self._released = True
-            self._room.notify_all()
+            self._cond.notify_all()
         if self.units is not None:
             self.units.release()
 
     def close(self) -> None:
-        """Give the current frame back; the hand-off can be used again afterwards."""
-        if self._current is not None:
-            self._slot.release(self._current)
-            self._current = None
+        """Give every buffer back; the hand-off can be used again afterwards."""
+        with self._cond:
+            if self._current is not None:
+                self._free.append(self._current)
+                self._current = None
+            self._free.extend(frame for frame, _ in self._frames)
+            self._frames.clear()
 
     def _wake(self) -> None:
-        # On the decode thread after each publish: wake a waiting next(). Before the first
-        # next() nobody waits, and that next() takes the frame without waiting.
+        # On the decode thread after each put: wake a waiting next() or first(). Before the
+        # consumer's first call nobody waits, and that call looks before it waits.
+        self._arrived = True
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
                 loop.call_soon_threadsafe(self._ready.set)
+
+
+def _pts(item: av.VideoFrame | av.Packet) -> int:
+    return item.pts if item.pts is not None else 0

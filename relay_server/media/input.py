@@ -52,10 +52,12 @@ class MediaInput:
         on_audio: Callable[[av.Packet], object] | None = None,
         on_audio_stream: Callable[[AudioInfo], object] | None = None,
         on_video_packet: Callable[[av.Packet], bool] | None = None,
+        on_chunk: Callable[[bytes], object] | None = None,
         buffer_size: int | None = None,
         name: str = "input",
     ) -> None:
         self.name = name
+        self._on_chunk = on_chunk  # on the loop, each chunk as it arrives
         self.feed_stats = FeedStats()  # written by the feed task, on the loop
         self._source = source
         self._queue = ChunkQueue(buffer_size or settings.buffer_size())
@@ -116,7 +118,9 @@ class MediaInput:
         if isinstance(source, str):
             source = self._subscriber = Subscriber(source)
         self._decoder.start()
-        self._feeding = loop.create_task(feed(source, self._queue, self.feed_stats), name=f"feed {self.name}")
+        self._feeding = loop.create_task(
+            feed(source, self._queue, self.feed_stats, self._on_chunk), name=f"feed {self.name}"
+        )
 
     async def stop(self) -> None:
         """Stop decoding and reading, and wait for both without blocking the loop; any time

@@ -136,9 +136,9 @@ class _Pes:
             return None
         flags = data[7] >> 6
         if flags & 2 and end >= 14:
-            self.pts = self.dts = _timestamp(data, 9)
+            self.pts = self.dts = timestamp(data, 9)
             if flags == 3 and end >= 19:
-                self.dts = _timestamp(data, 14)
+                self.dts = timestamp(data, 14)
         self.header = end
         return None
 
@@ -499,7 +499,7 @@ class VideoSplitter:
             self._cut_by_stuffing = False
 
 
-def _timestamp(data: bytearray, at: int) -> int:
+def timestamp(data: bytes | bytearray, at: int) -> int:
     """A 33-bit PTS or DTS as a PES header codes it in 5 bytes."""
     return (
         (data[at] >> 1 & 0x07) << 30

@@ -50,10 +50,27 @@ class AccessUnits:
         return len(self._units)
 
     @property
-    def newest(self) -> av.Packet | None:
-        """The last unit queued, if any (on the loop: a hint, the queue may grow meanwhile)."""
+    def head(self) -> av.Packet | None:
+        """The oldest unit queued, the one take() gives next, if any."""
         with self._cond:
-            return self._units[-1] if self._units else None
+            return self._units[0] if self._units else None
+
+    @property
+    def newest_keyframe(self) -> int | None:
+        """How many units come before the newest keyframe queued (None: none is queued)."""
+        with self._cond:
+            for position in range(len(self._units) - 1, -1, -1):
+                if self._units[position].is_keyframe:
+                    return position
+            return None
+
+    def skip(self, count: int) -> None:
+        """Drop the `count` oldest units (up to a keyframe: the picture resumes there), counted."""
+        with self._cond:
+            for _ in range(min(count, len(self._units))):
+                self._units.popleft()
+                self.dropped += 1
+            self._cond.notify()
 
     def set_ready_callback(self, callback: Callable[[], object] | None) -> None:
         """Called on the decode thread after every put() that queued a unit."""

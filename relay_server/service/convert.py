@@ -17,6 +17,7 @@ from google.protobuf.struct_pb2 import Struct
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.media.encoder import EncoderSettings
 from relay_server.media.scaler import ScaleMode
+from relay_server.media.timeline import LATENCY_BUDGET
 from relay_server.session.config import DEFAULT_SIZE, ConfigError, FieldViolation, SessionConfig
 from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode, QueueDepth
@@ -94,6 +95,11 @@ def to_config(request: pb.StartSessionRequest) -> SessionConfig:
             else DEFAULT_OFFER_TIMEOUT
         ),
         mode=mode,
+        latency_budget=(
+            request.latency_budget.ToTimedelta().total_seconds()
+            if request.HasField("latency_budget")
+            else LATENCY_BUDGET
+        ),
     )
 
 
@@ -133,6 +139,7 @@ def to_request(config: SessionConfig) -> pb.StartSessionRequest:
         output_fill=pb.OUTPUT_FILL_HOLD if config.fill is FillMode.HOLD else pb.OUTPUT_FILL_REPEAT,
         offer_timeout=_duration(config.offer_timeout),
         mode={mode: value for value, mode in MODES.items() if value}[config.mode],
+        latency_budget=_duration(config.latency_budget),
     )
 
 

@@ -1,11 +1,11 @@
-"""AudioCarrier: the input's audio laid on the relay's output clock, in sync with the video.
+"""AudioCarrier: the input's audio carried into the output on the session timeline, in sync with the video.
 
-The video comes back from the processor stamped on arrival; the audio never leaves the relay. An
-audio packet at media time m goes where the video of m goes: at the clock time the pacer sent
-(or would have sent) a frame of media time m, plus the round trip through the processor,
-measured on the first returned frames and then held fixed so that audio timestamps run on
-smoothly (the video's own arrival jitter is a few milliseconds). Until both are known, packets
-wait here: at most HOLD of them, the oldest dropped beyond that, counted.
+The video comes back from the processor stamped with the media time of the input frame it was
+made from plus the session's output offset (media/timeline.py); the audio never leaves the relay
+and keeps its own input timestamps on the same offset, so the two stay as in sync as the input
+was, from the first frame to the last, whatever the round trip does. Until the output has begun
+(the first returned frame sets the offset) packets wait here: at most HOLD of them, the oldest
+dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from collections import deque
 
 import av
 
-from relay_server.media.encoder import CLOCK
 from relay_server.media.output import OutputPipeline
-from relay_server.media.pacer import Pacer
 from relay_server.media.segmenter import AudioInfo
-from relay_server.webrtc.roundtrip import LatencyWindow
+from relay_server.media.timeline import TICKS, SessionTimeline
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +28,14 @@ HOLD = 256  # packets: over 5 s of AAC or Opus
 class AudioCarrier:
     """Called on the event loop: add_stream() once, put() per packet; run() is its task."""
 
-    def __init__(self, pipeline: OutputPipeline, pacer: Pacer, latencies: LatencyWindow) -> None:
+    def __init__(self, pipeline: OutputPipeline, timeline: SessionTimeline) -> None:
         self.carried = 0  # packets handed to the output
         self.dropped = 0  # packets let go: held too long, no timestamp, or no stream to put them in
         self.reason = ""  # why the audio is not carried, when it is not
         self._pipeline = pipeline
-        self._pacer = pacer
-        self._latencies = latencies
+        self._timeline = timeline
         self._held: deque[av.Packet] = deque()
         self._arrived = asyncio.Event()
-        self._delay: float | None = None  # the round trip, once measured
         self._carrying = False
 
     def add_stream(self, info: AudioInfo) -> None:
@@ -63,25 +59,21 @@ class AudioCarrier:
         self._arrived.set()
 
     def frame_returned(self) -> None:
-        """A processed frame came back: the round trip may now be known."""
-        if self._delay is None and self._latencies.values:
-            self._delay = self._latencies.percentile(0.5)
+        """A processed frame came back: the output, and with it the offset, may have begun."""
+        if self._held:
             self._arrived.set()
 
-    async def run(self, origin: float) -> None:
-        """Carry packets until cancelled; `origin` is the clock time of output pts 0."""
+    async def run(self) -> None:
+        """Carry packets until cancelled."""
+        timeline = self._timeline
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            while self._held and self._delay is not None:
-                packet = self._held[0]
+            while self._held and timeline.output_started:
+                packet = self._held.popleft()
                 assert packet.pts is not None and packet.time_base is not None
-                sent = self._pacer.clock_time(float(packet.pts * packet.time_base))
-                if sent is None:
-                    break  # no frame paced yet
-                self._held.popleft()
-                pts = round((sent + self._delay - origin) / CLOCK)
-                if pts < 0:
+                pts = timeline.audio_pts(round(packet.pts * packet.time_base * TICKS))
+                if pts is None or pts < 0:
                     self.dropped += 1  # before the output's clock began
                     continue
                 await self._pipeline.submit_audio(packet, pts)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from relay_server.media.encoder import EncoderSettings
 from relay_server.media.scaler import ScaleMode
+from relay_server.media.timeline import LATENCY_BUDGET
 from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode
 
@@ -72,6 +73,7 @@ class SessionConfig:
     fill: FillMode = FillMode.REPEAT
     offer_timeout: float = 60.0
     mode: VideoMode = VideoMode.AUTO
+    latency_budget: float = LATENCY_BUDGET  # seconds a frame may leave behind the input's live edge
 
     @property
     def urls(self) -> dict[str, str]:
@@ -122,6 +124,8 @@ def validate(config: SessionConfig) -> None:
     )
     check(0.1 <= config.encoder.gop <= 60, "encoder.gop", f"must be 0.1..60 s, got {config.encoder.gop:g}")
     check(0 < config.offer_timeout <= 600, "offer_timeout", f"must be 0..600 s, got {config.offer_timeout:g}")
+    budget = config.latency_budget
+    check(0.05 <= budget <= 10, "latency_budget", f"must be 0.05..10 s, got {budget:g}")
     for index, prompt in enumerate(config.prompts):
         check(
             isinstance(prompt, dict) and bool(prompt),

@@ -12,9 +12,13 @@ processor's returned access units into the output (output leg: "remux").
   on what it was sent).
 
 InputRoute runs on the decode thread and decides, access unit by access unit, with the
-Qualifier (media/h264.py): a unit it forwards goes to AccessUnits and is not decoded. What the
-bitstream cannot say is whether the processor takes it: a processor that returns nothing of the
-forwarded input (while it did answer the offer) gets the input decoded and encoded from then on.
+Qualifier (media/h264.py): a unit it forwards goes to AccessUnits and is not decoded. A GOP that
+arrived as a backlog (a session joining mid-segment; `backlog` says, from the session timeline)
+is decoded instead: forwarded, the processor would have to decode all of it to reach the live
+edge, while decoded, its stale frames are skipped here and only the newest is sent. Forwarding
+begins at the next keyframe that is on time. What the bitstream cannot say is whether the
+processor takes it: a processor that returns nothing of the forwarded input (while it did answer
+the offer) gets the input decoded and encoded from then on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import av
 
 from relay_server.media.h264 import ParameterSets, Qualifier, Verdict
 from relay_server.media.units import AccessUnits
+
+BACKLOG = "joined mid-GOP: the backlog is decoded to reach the live edge; forwarding from the next keyframe"
 
 
 class VideoMode(enum.Enum):
@@ -55,14 +61,22 @@ class InputRoute:
     each new decision."""
 
     def __init__(
-        self, width: int, height: int, units: AccessUnits, on_verdict: Callable[[Verdict], None]
+        self,
+        width: int,
+        height: int,
+        units: AccessUnits,
+        on_verdict: Callable[[Verdict], None],
+        *,
+        backlog: Callable[[int], bool] | None = None,
     ) -> None:
         self.units = units
         self.skipped = 0
         self._qualifier = Qualifier(width, height)
         self._parameter_sets = ParameterSets()
         self._on_verdict = on_verdict
-        self._forwarding = False
+        self._backlog = backlog
+        self._forwarding = False  # the qualifier's decision, or the refusal
+        self._behind = False  # a backlog GOP qualifies but is decoded
         self._await_keyframe = False  # decoding resumed mid-GOP: its references were forwarded
         self._refused: str | None = None  # forwarding is off for good, and why
 
@@ -80,8 +94,14 @@ class InputRoute:
             if self._forwarding and not verdict.passthrough and not packet.is_keyframe:
                 self._await_keyframe = True
             self._forwarding = verdict.passthrough
+        if self._forwarding and packet.is_keyframe:
+            behind = self._backlog is not None and packet.pts is not None and self._backlog(packet.pts)
+            if behind != self._behind or verdict is not None:
+                self._behind = behind
+                verdict = Verdict(False, BACKLOG) if behind else self._qualifier.verdict
+        if verdict is not None:
             self._on_verdict(verdict)
-        if not self._forwarding:
+        if not self._forwarding or self._behind:
             if self._await_keyframe and not packet.is_keyframe:
                 self.skipped += 1
                 return True  # the decoder would only conceal errors until the next keyframe

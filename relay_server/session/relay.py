@@ -1,28 +1,36 @@
-"""Relay: one session's media path, input channel → processor → output channel.
+"""Relay: one session's media path, input channel → processor → output channel, on one timeline.
 
-    subscriber ─▶ MediaInput ─▶ LatestFrame ─▶ ProcessorLink ═══ WebRTC ═══ processor
-                  (decode +      (newest wins)   (paced send,                  │
-                   scale thread)                  our x264)                    │
-    publisher ◀── OutputPipeline ◀── returned frames, stamped on arrival ◀─────┘
+    subscriber ─▶ MediaInput ─▶ FrameQueue ─▶ ProcessorLink ═══ WebRTC ═══ processor
+       │          (decode +     (in order)     (paced send,                  │
+       │           scale thread)                our x264)                    │
+       └─ arrivals ─▶ SessionTimeline ◀── media time of each returned frame ◀┘
+                      (media ↔ clock)          │
+    publisher ◀── OutputPipeline ◀── returned frames at media time + one offset
                   (encode thread)    (+ the last one repeated while none come)
 
-The output's timeline is the relay's own: a returned frame's pts is its arrival time on the
-monotonic clock (90 kHz, from the start of run()), since a processor's pts cannot be trusted.
+The session timeline (media/timeline.py) is the one place timing is decided: the feed task
+stamps each video frame's arrival (media/arrivals.py), which anchors the input's media time on
+the clock at its live edge; the sender sends every frame in order when the timeline says it is
+due, and lets go of the join backlog and of frames past the latency budget (counted). A returned
+frame is matched to the frame it was made from (webrtc/roundtrip.py) and output at that frame's
+media time plus one constant offset: the output has the input's frame timing, whatever the
+processor's jitter, and the audio, carried unchanged, keeps its own input timestamps on the same
+offset (audio.py). Output timestamps only go forward: a returned frame not after the last one
+output (the processor returned a frame twice, say) is let go, counted.
+
 When no frame comes back for `fill_after` seconds (the processor is reconnecting, or slow to
-start again), the output either repeats the last good frame at `fps` so that players downstream
-never stall (FillMode.REPEAT, the default) or holds: nothing until frames return (FillMode.HOLD).
+start again), the output either repeats the last good frame on the output's frame grid so that
+players downstream never stall (FillMode.REPEAT, the default) or holds: nothing until frames
+return (FillMode.HOLD). A repeat never takes the place of a frame still at the processor.
 
 Zero-transcode (paths.py): with `video_mode` PASSTHROUGH or AUTO the decode thread forwards
-the input's access units that qualify (LatestFrame gives them to the sender beside decoded
+the input's access units that qualify (the FrameQueue gives them to the sender beside decoded
 frames), and the processor's returned access units are muxed into the output as they are
 (remux: neither decoded nor encoded). A remuxed output has no decoded frame to repeat: when a
 gap begins, the processor's last GOP is decoded once (media/lastpicture.py) for the fill. Its
 segments follow the processor's keyframes; when one runs past the gop, the processor is asked
 for a keyframe (RTCP PLI), and if none comes after KEYFRAME_REQUESTS asks the output falls back
 to decoding and encoding.
-
-The input's audio (AAC or Opus) is carried unchanged, laid on the same clock where its video
-comes back (audio.py), unless drop_audio.
 """
 
 from __future__ import annotations
@@ -39,16 +47,18 @@ from typing import Any
 import av
 
 from relay_server import _fast
+from relay_server.media.arrivals import VideoArrivals
 from relay_server.media.decoder import DecoderStats
 from relay_server.media.encoder import CLOCK, EncoderSettings, EncoderStats
 from relay_server.media.feeder import FeedStats
 from relay_server.media.h264 import Verdict, is_idr
-from relay_server.media.handoff import LatestFrame
+from relay_server.media.handoff import FrameQueue
 from relay_server.media.input import MediaInput
 from relay_server.media.lastpicture import LastPicture, decode_last
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
 from relay_server.media.scaler import ScaleMode
 from relay_server.media.segmenter import AudioInfo, SegmenterStats
+from relay_server.media.timeline import LATENCY_BUDGET, SessionTimeline, TimelineStats
 from relay_server.media.units import AccessUnits
 from relay_server.session.audio import AudioCarrier
 from relay_server.session.paths import InputRoute, NotQualified, PathStats, VideoMode
@@ -87,7 +97,7 @@ class RelayStats:
     implementation: str  # which relay_server._fast build moves the bytes
     elapsed: float  # seconds since run() started
     frames_decoded: int
-    frames_dropped: int  # decoded but replaced by a newer frame before they could be sent
+    frames_dropped: int  # decoded but let go before they could be sent: the hand-off overflowed
     frames_returned: int
     frames_filled: int  # repeated into the output while none came back
     frames_encoded: int
@@ -103,6 +113,8 @@ class RelayStats:
     queues: tuple[QueueDepth, ...] = ()  # every bounded hand-off, in data-flow order
     paths: PathStats = field(default_factory=lambda: PathStats("encode", "", "encode", "", 0, 0))
     units_dropped: int = 0  # input access units not forwarded: the sender fell behind
+    timeline: TimelineStats = field(default_factory=TimelineStats)
+    returns_behind: int = 0  # returned frames not after the last one output, let go
 
     @property
     def drops(self) -> dict[str, int]:
@@ -110,8 +122,12 @@ class RelayStats:
         return {
             "input_corrupt": self.decoder.corrupt_packets,
             "input_units": self.units_dropped + self.paths.units_skipped,  # to resume at a keyframe
-            "input_replaced": self.frames_dropped,  # newer decoded frame before it could be sent
+            "join_skipped": self.timeline.join_skipped,  # the backlog of a join, skipped to the live edge
+            "late": self.timeline.late,  # would have left more than the latency budget behind
+            "input_overflow": self.frames_dropped,  # the hand-off to the sender overflowed
+            "rate_capped": self.link.send.rate_capped,  # max_fps
             "processor_lost": self.link.send.presumed_lost,  # sent, never came back
+            "returned_behind": self.returns_behind,  # not after the last frame output
             "output_replaced": self.pipeline.frames_dropped,  # newer returned frame before encoding
             "returned_units": self.link.units_dropped + self.pipeline.packets_dropped,
             "audio_not_carried": self.audio_dropped,
@@ -139,6 +155,7 @@ class Relay:
         link: LinkSettings | None = None,
         fill: FillMode = FillMode.REPEAT,
         fill_after: float = FILL_AFTER,
+        latency_budget: float = LATENCY_BUDGET,
         drop_audio: bool = False,
         on_link_state: Callable[[LinkState, str], None] | None = None,
         on_data: Callable[[str], None] | None = None,
@@ -148,9 +165,9 @@ class Relay:
         if width <= 0 or height <= 0:
             raise ValueError(f"the session size must be positive, got {width}x{height}")
         encoding = encoder or EncoderSettings()
-        # Paced by media time, hand-offs keep the newest frame (latency over completeness). Not
-        # paced (catch-up), every frame goes through: decoding waits for the sender, and the
-        # returned frames wait for the encoder (the processor holds at most max_in_flight).
+        # Paced by the timeline, frames past the latency budget are let go. Not paced (catch-up),
+        # every frame goes through: decoding waits for the sender, and the returned frames wait
+        # for the encoder (the processor holds at most max_in_flight).
         catch_up = link is not None and not link.pace
         self.name = name
         self.fill = fill
@@ -183,9 +200,20 @@ class Relay:
         )
         self._units = AccessUnits(wait=catch_up) if forwarding else None
         self._pictures = LastPicture() if zero_transcode else None  # what a remuxed output shows
-        self._frames = LatestFrame(width, height, wait=catch_up, units=self._units)
+        self._frames = FrameQueue(width, height, wait=catch_up, units=self._units)
+        self._timeline = SessionTimeline(time.monotonic(), latency_budget)
+        self._arrivals = VideoArrivals(self._timeline.arrived)
         self._route = (
-            InputRoute(width, height, self._units, self._on_verdict) if self._units is not None else None
+            InputRoute(
+                width,
+                height,
+                self._units,
+                self._on_verdict,
+                # A passthrough session forwards a join backlog too: it must not decode.
+                backlog=self._timeline.backlog if video_mode is VideoMode.AUTO else None,
+            )
+            if self._units is not None
+            else None
         )
         self._input = MediaInput(
             source,
@@ -194,6 +222,7 @@ class Relay:
             on_audio=None if drop_audio else self._on_audio,
             on_audio_stream=self._on_audio_stream,
             on_video_packet=self._route,
+            on_chunk=self._arrived,
             width=width,
             height=height,
             mode=mode,
@@ -206,18 +235,22 @@ class Relay:
             self._returned,
             prompts=prompts,
             settings=link,
+            timeline=self._timeline,
             on_data=on_data,
             on_state=self._on_link_state,
             on_unit=self._returned_unit,
             remux=zero_transcode,
             name=name,
         )
-        self._audio = AudioCarrier(self._pipeline, self.link.pacer, self.link.latencies)
+        self._audio = AudioCarrier(self._pipeline, self._timeline)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: av.VideoFrame | None = None  # the last frame the output got
         self._last_return = 0.0
+        self._last_out: int | None = None  # pts of the last video output
+        self._last_session: int | None = None  # session time of the last frame returned
+        self._interval = round(1 / (encoding.fps * CLOCK))  # the output's frame grid, for fills
+        self._returns_behind = 0
         self._filled = 0
-        self._origin = 0.0
         self._started_at: float | None = None
         self._ran = False
         self._stopping = asyncio.Event()
@@ -254,13 +287,15 @@ class Relay:
                 self._route.skipped if self._route is not None else 0,
             ),
             units_dropped=self._units.dropped if self._units is not None else 0,
+            timeline=copy.copy(self._timeline.stats),
+            returns_behind=self._returns_behind,
         )
 
     def _queues(self) -> tuple[QueueDepth, ...]:
         sink = self._pipeline.sink
         return (
             QueueDepth("input_bytes", *self._input.buffered, "bytes"),
-            QueueDepth("decoded_frames", int(self._frames.pending), 1, "frames"),
+            QueueDepth("decoded_frames", len(self._frames), self._frames.capacity, "frames"),
             *(
                 [QueueDepth("input_units", len(self._units), self._units.capacity, "frames")]
                 if self._units is not None
@@ -278,7 +313,7 @@ class Relay:
         if self._stopping.is_set():
             self._done.set()
             return
-        self._started_at = self._origin = time.monotonic()
+        self._started_at = self._timeline.origin = time.monotonic()
         self._loop = asyncio.get_running_loop()
         log.info("relay %s: hot path %s", self.name, _fast.IMPLEMENTATION)
         source, link, frames = self._input, self.link, self._frames
@@ -290,7 +325,7 @@ class Relay:
             source.start()
             linking = asyncio.create_task(link.run(), name=f"link {self.name}")
             filling = asyncio.create_task(self._fill(), name=f"fill {self.name}")
-            carrying = asyncio.create_task(self._audio.run(self._origin), name=f"audio {self.name}")
+            carrying = asyncio.create_task(self._audio.run(), name=f"audio {self.name}")
             stopping = asyncio.ensure_future(self._stopping.wait())
             try:
                 ending: list[asyncio.Future[Any]] = [source.ended, linking, self._pipeline.failed, stopping]
@@ -342,6 +377,10 @@ class Relay:
             if self._owns_publisher:
                 await self._publisher.close(delete_channel=False)
             self._done.set()
+
+    def _arrived(self, chunk: bytes) -> None:
+        """On the loop, each input chunk as it comes in: its video frames' arrivals."""
+        self._arrivals.feed(chunk, time.monotonic())
 
     # -- the decode thread ------------------------------------------------------------------------
 
@@ -413,10 +452,30 @@ class Relay:
 
     # -- the output's timeline -------------------------------------------------------------------
 
-    def _pts(self, at: float) -> int:
-        return round((at - self._origin) / CLOCK)
+    def _output_pts(self, session: int | None, arrival: float) -> int | None:
+        """Where a returned frame made from the input frame at `session` (session time, from
+        the round trip) goes on the output's timeline: that time plus the session's output
+        offset (the first one sets it); None when that is not after the last frame output: a
+        repeat sent while the input stalled, or else counted."""
+        timeline = self._timeline
+        if session is None:  # more came back than was sent: on the grid after the last one
+            pts = timeline.clock_pts(arrival) if self._last_out is None else self._last_out + self._interval
+        else:
+            if session == self._last_session:
+                return None  # the same input frame again: a repeat (the output fills stalls itself)
+            self._last_session = session
+            if not timeline.output_started:
+                timeline.start_output(session, arrival)
+            mapped = timeline.output_pts(session)
+            assert mapped is not None
+            pts = mapped
+        if self._last_out is not None and pts <= self._last_out:
+            self._returns_behind += 1
+            return None
+        self._last_out = pts
+        return pts
 
-    async def _returned_unit(self, unit: bytes, arrival: float) -> None:
+    async def _returned_unit(self, unit: bytes, arrival: float, session: int | None) -> None:
         self._returned_count += 1
         packet = av.Packet(unit)
         packet.is_keyframe = is_idr(unit)
@@ -424,15 +483,21 @@ class Relay:
             self._keyframe_requests = 0
         if self._pictures is not None:
             self._pictures.add(unit, packet.is_keyframe)
+        pts = self._output_pts(session, arrival)
+        if pts is None:
+            return
         self._last, self._last_return = None, arrival  # decoded only if a gap needs it
         self._audio.frame_returned()
-        await self._pipeline.submit_packet(packet, self._pts(arrival))
+        await self._pipeline.submit_packet(packet, pts)
 
-    async def _returned(self, frame: av.VideoFrame, arrival: float) -> None:
+    async def _returned(self, frame: av.VideoFrame, arrival: float, session: int | None) -> None:
         self._returned_count += 1
+        pts = self._output_pts(session, arrival)
+        if pts is None:
+            return
         self._last, self._last_return = frame, arrival
         self._audio.frame_returned()
-        await self._pipeline.submit(frame, self._pts(arrival))
+        await self._pipeline.submit(frame, pts)
 
     async def _decode_last_picture(self) -> None:
         """A gap in a remuxed output begins: decode the processor's last GOP, once, off the loop."""
@@ -448,22 +513,28 @@ class Relay:
     async def _fill(self) -> None:
         """Repeat the last frame into the output while none come back (FillMode.REPEAT). Sleeps
         until the gap would begin; each wake-up either finds a newer frame and sleeps again, or
-        fills one frame interval."""
+        fills one slot of the output's frame grid: the one after the last frame output, unless
+        that is where a frame still at the processor goes."""
         if self.fill is FillMode.HOLD:
             return
-        interval = 1 / self._fps
+        interval = self._interval * float(CLOCK)
         while True:
             now = time.monotonic()
             if self._frames.ended:
                 return  # the input has ended: so does the output, without a tail of repeats
             if self._last is None and now - self._last_return >= self.fill_after:
                 await self._decode_last_picture()
-            if self._last is None:
+            if self._last is None or self._last_out is None:
                 wake = now + self.fill_after  # nothing returned yet: nothing to repeat
             elif now - self._last_return < self.fill_after:
                 wake = self._last_return + self.fill_after
             else:
-                self._filled += 1
-                await self._pipeline.submit(self._last, self._pts(now))
+                pts = self._last_out + self._interval
+                pending = self.link.pending_media()
+                bound = self._timeline.output_pts(pending) if pending is not None else None
+                if bound is None or pts < bound:
+                    self._filled += 1
+                    self._last_out = pts
+                    await self._pipeline.submit(self._last, pts)
                 wake = now + interval
             await asyncio.sleep(max(0.0, wake - time.monotonic()))

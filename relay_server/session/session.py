@@ -117,6 +117,7 @@ class Session:
             encoder=config.encoder,
             link=link_settings,
             fill=config.fill,
+            latency_budget=config.latency_budget,
             on_link_state=self._on_link_state,
             on_data=self._on_data,
             name=config.session_id,

@@ -35,7 +35,9 @@ ABANDON_AFTER = 1.0
 # waits for a segment to start are re-issued this often until data flows, not every TRICKLE_TIMEOUT.
 RECOVERY_WAIT = 2.0
 # Retry timing for a channel that does not exist yet (404 within the start-up grace).
-NOT_FOUND_BACKOFF = Backoff(initial=0.25, factor=2.0, maximum=2.0, attempts=1_000_000)
+# At most half a second: a session routinely starts before its input, whose first frame should
+# not wait for the next try.
+NOT_FOUND_BACKOFF = Backoff(initial=0.1, factor=2.0, maximum=0.5, attempts=1_000_000)
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 

@@ -1,19 +1,21 @@
 """ProcessorLink: one session's WebRTC connection to its processor, kept alive.
 
-    LatestFrame ─▶ SendTrack (paced, our x264) ─▶ RTCPeerConnection ─▶ processor
-                                                          │
-    on_frame(frame, arrival) ◀── returned track ◀─────────┘      control / data channels
+    FrameQueue ─▶ SendTrack (paced, our x264) ─▶ RTCPeerConnection ─▶ processor
+                                                         │
+    on_frame(frame, arrival, media) ◀── returned track ◀─┘      control / data channels
 
-run() negotiates (POST {url}/offer) and then watches the connection. When it fails or closes,
-its returned track ends, or nothing comes back for `return_timeout` seconds while frames go out,
-the peer connection is torn down completely and a new one negotiated after a backoff, with the
-current prompts; meanwhile the state is RECONNECTING with the reason, and the owner keeps its
-output's timeline. An offer refused before any connection succeeded (an invalid prompt, say) is
-fatal: retrying cannot fix it.
+run() waits for the input's first frame (state CONNECTING, "waiting for input"): a processor
+connected before there is anything to send would starve into its watchdog (ComfyStream ends its
+track after 5 s without input). It then negotiates (POST {url}/offer) and watches the connection.
+When it fails or closes, its returned track ends, or nothing comes back for `return_timeout`
+seconds while frames go out, the peer connection is torn down completely and a new one
+negotiated after a backoff, with the current prompts; meanwhile the state is RECONNECTING with
+the reason, and the owner keeps its output's timeline. An offer refused before any connection
+succeeded (an invalid prompt, say) is fatal: retrying cannot fix it.
 
-Returned frames are stamped on arrival (monotonic clock) and matched to sent ones for the round
-trip (roundtrip.py). Their own pts say nothing reliable: ComfyStream labels a slow pipeline's
-output with stale ones.
+Returned frames are stamped on arrival (monotonic clock) and matched to sent ones (roundtrip.py),
+which gives the round trip and the media time of the input frame each was made from. Their own
+pts say nothing more: ComfyStream labels a slow pipeline's output with stale ones.
 
 With `remux` on (zero-transcode) returned frames are not decoded at all: the receiver's jitter
 buffer hands each complete access unit to on_unit instead of aiortc's decoder thread;
@@ -41,12 +43,19 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from relay_server.backoff import Backoff
 from relay_server.media.encoder import EncoderStats, VideoEncoder
 from relay_server.media.h264 import is_idr
-from relay_server.media.handoff import LatestFrame
-from relay_server.media.pacer import Pacer
+from relay_server.media.handoff import FrameQueue
+from relay_server.media.timeline import SessionTimeline
 from relay_server.webrtc import jitter
 from relay_server.webrtc.control import ControlClient, ControlError
 from relay_server.webrtc.roundtrip import LatencyWindow, RoundTrip
-from relay_server.webrtc.sendtrack import MAX_IN_FLIGHT, REPEAT_AFTER, InFlight, SendStats, SendTrack
+from relay_server.webrtc.sendtrack import (
+    IN_FLIGHT_EXPIRY,
+    MAX_IN_FLIGHT,
+    REPEAT_AFTER,
+    InFlight,
+    SendStats,
+    SendTrack,
+)
 from relay_server.webrtc.signaling import OfferRejected, ProcessorError, negotiate
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,8 @@ _T = TypeVar("_T")
 # most max_in_flight frames, so only a burst after a stall comes near it.
 RETURNED_UNITS = 32
 REMB_INTERVAL = 1.0  # seconds between requests for the return bitrate, as browsers send REMB
+WAITING_FOR_INPUT = "waiting for input"
+CONNECTING = "connecting to the processor"
 
 
 class LinkState(enum.Enum):
@@ -88,7 +99,7 @@ class LinkSettings:
     repeat_after: float = REPEAT_AFTER  # input stall after which the last frame is sent again
     max_in_flight: int = MAX_IN_FLIGHT  # frames at the processor at once (0: no limit)
     max_fps: float = 0.0  # frames per second sent at most (0: the input's rate)
-    # Release frames at their media time. Off, a frame goes as soon as it is decoded and the
+    # Release frames by the session timeline. Off, a frame goes as soon as it is decoded and the
     # processor has room: an input that is behind catches up as fast as the relay can go.
     pace: bool = True
     # aiortc's own H.264 encoder instead of ours (x264's default preset, re-created whenever the
@@ -139,14 +150,15 @@ class ProcessorLink:
     def __init__(
         self,
         url: str,
-        frames: LatestFrame,
-        on_frame: Callable[[av.VideoFrame, float], Awaitable[None]],
+        frames: FrameQueue,
+        on_frame: Callable[[av.VideoFrame, float, int | None], Awaitable[None]],
         *,
         prompts: list[dict[str, Any]] | None = None,
         settings: LinkSettings | None = None,
+        timeline: SessionTimeline | None = None,
         on_data: Callable[[str], None] | None = None,
         on_state: Callable[[LinkState, str], None] | None = None,
-        on_unit: Callable[[bytes, float], Awaitable[None]] | None = None,
+        on_unit: Callable[[bytes, float, int | None], Awaitable[None]] | None = None,
         remux: bool = False,
         name: str = "link",
     ) -> None:
@@ -166,7 +178,8 @@ class ProcessorLink:
         self._on_unit = on_unit
         self._remux = remux
         self.units_dropped = 0  # returned access units let go: the delivery queue was full
-        self.pacer = Pacer()  # media time → clock, kept across connections
+        # Media time → clock, kept across connections (the owner's, shared with its output).
+        self.timeline = timeline or SessionTimeline(time.monotonic())
         self._send = SendStats()
         self._encoded = EncoderStats()  # of closed connections' encoders
         self._connections = 0
@@ -223,6 +236,14 @@ class ProcessorLink:
             if self._connection is not None:
                 self._connection.set_remux(remux)
 
+    def pending_media(self) -> int | None:
+        """The media time of the oldest frame at the processor now (sent, not back, not yet
+        presumed lost); None when none is."""
+        connection = self._connection
+        if connection is None:
+            return None
+        return connection.roundtrip.pending(time.monotonic() - IN_FLIGHT_EXPIRY)
+
     def request_keyframe(self) -> bool:
         """Ask the processor for an IDR on its return leg (RTCP PLI); False when not connected."""
         connection = self._connection
@@ -277,6 +298,9 @@ class ProcessorLink:
     # -- the connection loop -----------------------------------------------------------------
 
     async def _keep_connected(self, executor: ThreadPoolExecutor, http: aiohttp.ClientSession) -> None:
+        self._set_state(LinkState.CONNECTING, WAITING_FOR_INPUT)
+        await self._unless_stopped(self.frames.first())
+        self._set_state(LinkState.CONNECTING, CONNECTING)
         delays = self.settings.reconnect.delays()
         while not self._stop.is_set():
             connection = _Connection(self, executor, http)
@@ -341,14 +365,14 @@ class ProcessorLink:
         if self.state is not LinkState.CONNECTED:
             self._set_state(LinkState.CONNECTED, "")
 
-    async def _returned_frame(self, frame: av.VideoFrame, arrival: float) -> None:
+    async def _returned_frame(self, frame: av.VideoFrame, arrival: float, media: int | None) -> None:
         self._count_return()
-        await self._on_frame(frame, arrival)
+        await self._on_frame(frame, arrival, media)
 
-    async def _returned_unit(self, unit: bytes, arrival: float) -> None:
+    async def _returned_unit(self, unit: bytes, arrival: float, media: int | None) -> None:
         self._count_return()
         assert self._on_unit is not None
-        await self._on_unit(unit, arrival)
+        await self._on_unit(unit, arrival, media)
 
     def _data(self, message: Any) -> None:
         if self._on_data is not None:
@@ -374,7 +398,7 @@ class _Connection:
             frames,
             self.encoder,
             executor,
-            pacer=link.pacer if settings.pace else None,
+            timeline=link.timeline if settings.pace else None,
             roundtrip=self.roundtrip,
             in_flight=self.in_flight,
             clock_origin=link._origin,
@@ -467,8 +491,8 @@ class _Connection:
                 frame = await track.recv()
                 arrival = time.monotonic()
                 assert isinstance(frame, av.VideoFrame)
-                self._returned(arrival, frame.pts)
-                await self.link._returned_frame(frame, arrival)
+                media = self._returned(arrival, frame.pts)
+                await self.link._returned_frame(frame, arrival, media)
         except MediaStreamError:
             self._lose("the processor's video track ended")
         except Exception as error:
@@ -541,18 +565,18 @@ class _Connection:
         try:
             while True:
                 unit, arrival, pts = await self.units.get()
-                self._returned(arrival, pts)
-                await self.link._returned_unit(unit, arrival)
+                media = self._returned(arrival, pts)
+                await self.link._returned_unit(unit, arrival, media)
         except Exception as error:
             log.exception("link %s: returned units cannot be delivered", self.link.name)
             self._lose(f"returned frames cannot be delivered: {error}")
 
-    def _returned(self, arrival: float, pts: int | None) -> None:
+    def _returned(self, arrival: float, pts: int | None) -> int | None:
+        """Count a returned frame; the media time of the input frame it was made from."""
         self.returned += 1
         self._last_return = arrival
         self.in_flight.returned()
-        if pts is not None:
-            self.roundtrip.returned(pts, arrival)
+        return self.roundtrip.returned(pts, arrival)
 
     def _arm(self, timeout: float) -> None:
         """Watchdog: lost when frames went out and none came back for `timeout` seconds. One

@@ -11,6 +11,11 @@ the jitter is only a few ticks: one send interval in ~20 is exactly a nominal fr
 processor that stamps its output with its own evenly spaced pts (aiortc's next_timestamp())
 would often leave a single wrong candidate after two or three returns. A processor that
 rewrites pts thus never matches: its latency is then unknown, not wrong.
+
+Each sent frame also carries the media time of the input frame it was made from, which a match
+gives back: the output is stamped with it (session/relay.py). Until the offset is learnt, and
+whenever a return does not match, the media time is the oldest sent frame's that has not come back
+yet (a processor returns frames in order): the output's timing never waits for the matcher.
 """
 
 from __future__ import annotations
@@ -36,40 +41,65 @@ class RoundTrip:
         self.unmatched = 0
         self.first_sent: float | None = None  # monotonic time of the first frame sent
         self.latencies = latencies if latencies is not None else LatencyWindow()
-        self._sent: dict[int, float] = {}
+        self._sent: dict[int, tuple[float, int | None]] = {}  # pts → (sent at, media time)
         self._order: deque[int] = deque()
+        self._unreturned: deque[int] = deque()  # sent pts not yet matched or guessed, oldest first
         self._offset: int | None = None
         self._candidates: set[int] | None = None
         self._explained = 0  # returns in a row the candidates explain
         self._misses = 0
 
-    def sent(self, pts: int, at: float) -> None:
-        """A frame went out with `pts` at monotonic time `at`."""
+    def sent(self, pts: int, at: float, media: int | None = None) -> None:
+        """A frame made from the input frame at `media` went out with `pts` at monotonic time `at`."""
         if self.first_sent is None:
             self.first_sent = at
         if len(self._order) == REMEMBERED:
             self._sent.pop(self._order.popleft(), None)
+        if len(self._unreturned) == REMEMBERED:
+            self._unreturned.popleft()
         self._order.append(pts)
-        self._sent[pts] = at
+        self._unreturned.append(pts)
+        self._sent[pts] = (at, media)
 
-    def returned(self, pts: int, at: float) -> float | None:
-        """A frame came back with `pts` at monotonic time `at`: its round trip in seconds, if
-        it can be matched to a sent frame."""
-        sent_at = self._match(pts)
-        if sent_at is None:
+    def returned(self, pts: int | None, at: float) -> int | None:
+        """A frame came back with `pts` at monotonic time `at`: the media time of the input frame
+        it was made from (None: nothing sent is waiting). Its round trip goes to the latencies
+        when it matched a sent frame."""
+        sent = self._match(pts) if pts is not None else None
+        if sent is None:
             self.unmatched += 1
-            return None
+            return self._guess()
         self.matched += 1
-        latency = at - sent_at
-        self.latencies.add(latency)
-        return latency
+        sent_at, media = self._sent[sent]
+        self.latencies.add(at - sent_at)
+        unreturned = self._unreturned
+        while unreturned and unreturned[0] <= sent:  # send pts only grow: up to the match, and
+            unreturned.popleft()  # the older ones the processor let go
+        return media
 
-    def _match(self, pts: int) -> float | None:
+    def pending(self, since: float) -> int | None:
+        """The media time of the oldest frame sent at `since` or later that has not come back."""
+        unreturned = self._unreturned
+        while unreturned:
+            sent = self._sent.get(unreturned[0])
+            if sent is not None and sent[0] >= since:
+                return sent[1]
+            unreturned.popleft()  # presumed lost: it will not be waited for
+        return None
+
+    def _guess(self) -> int | None:
+        while self._unreturned:
+            sent = self._sent.get(self._unreturned.popleft())
+            if sent is not None:
+                return sent[1]
+        return None
+
+    def _match(self, pts: int) -> int | None:
+        """The sent pts `pts` came back as, if known."""
         if self._offset is not None:
-            sent_at = self._sent.get(pts + self._offset)
-            if sent_at is not None:
+            if pts + self._offset in self._sent:
                 self._misses = 0
-                return sent_at
+                return pts + self._offset
             self._misses += 1
             if self._misses < MISSES_TO_RELEARN:
                 return None
@@ -83,7 +113,7 @@ class RoundTrip:
         if len(self._candidates) == 1 and self._explained >= EXPLAINED_TO_LEARN:
             self._offset = self._candidates.pop()
             self._candidates = None
-            return self._sent[pts + self._offset]
+            return pts + self._offset
         if not self._candidates:
             self._candidates = None  # start again from the next return
         return None

@@ -1,10 +1,13 @@
-"""SendTrack: the processor's input, paced by media time, encoded by our own x264.
+"""SendTrack: the processor's input, in input order, paced by the session timeline, encoded by our own x264.
 
 aiortc's sender pulls: it awaits recv() and sends whatever comes back at once, so pacing is the
-track's job. recv() takes the newest frame from the LatestFrame hand-off (older ones were
-dropped there, counted), waits until it is due by its media time, and encodes it. When the
-input stalls, the last frame goes again every `repeat_after` seconds: ComfyStream's track gives
-up for good after 5 s without an input frame.
+track's job. recv() takes the oldest frame from the FrameQueue hand-off and asks the session
+timeline (media/timeline.py) what to do with it: send it when it is due by its media time (a
+burst is spread out, not thinned), or let it go, counted there, because it is the backlog of a
+join or would leave more than the latency budget behind the live edge. With `max_fps` the frames
+are thinned by media time to that rate, counted in `rate_capped`. When the input stalls, the last
+frame goes again every `repeat_after` seconds: ComfyStream's track gives up for good after 5 s
+without an input frame.
 
 recv() returns an encoded av.Packet, which aiortc only packetises (RTCRtpSender calls
 encoder.pack()): its own encoder would run x264 at the default preset (~5× the CPU of ultrafast)
@@ -14,22 +17,23 @@ link's encode thread; RTCP keyframe requests reach it through request_keyframe()
 
 At most `max_in_flight` frames are out at the processor at once (sent, not yet back): ComfyStream
 queues every input frame and a slow pipeline would fall ever further behind; held back, the
-sender sends what the processor returns, and the hand-off keeps only the newest frame meanwhile.
+frames wait in the hand-off, where the timeline lets those past the budget go.
 
 Zero-transcode: the hand-off may give the input's own encoded access units instead of decoded
-frames (LatestFrame with AccessUnits). They are paced the same way and go out as they are; when
-the input stalls, the last keyframe is what goes again (a P-frame repeated would corrupt the
-picture). Frames that follow units start on an IDR of our encoder, so the processor's decoder
-switches cleanly between the two streams.
+frames. They are paced the same way and go out as they are, but never one by one: a unit past
+the budget takes the units up to the newest keyframe queued with it (whole GOPs), and goes at
+once when none is queued. When the input stalls, the last keyframe is what goes again (a P-frame
+repeated would corrupt the picture). Frames that follow units start on an IDR of our encoder, so
+the processor's decoder switches cleanly between the two streams.
 
 Send timestamps come from the monotonic clock, not from the input: repeats and input jumps keep
-one clean RTP timeline, and the round-trip matcher needs the clock's jitter (see roundtrip.py).
+one clean RTP timeline, and the round-trip matcher needs the clock's jitter (see roundtrip.py),
+which gives each returned frame back the media time of the frame it was made from.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -41,8 +45,8 @@ import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from relay_server.media.encoder import CLOCK, VideoEncoder
-from relay_server.media.handoff import LatestFrame
-from relay_server.media.pacer import Pacer
+from relay_server.media.handoff import FrameQueue, Taken
+from relay_server.media.timeline import Decision, SessionTimeline
 from relay_server.webrtc.roundtrip import RoundTrip
 
 # Seconds without a new input frame before the last one is sent again: well inside
@@ -52,9 +56,9 @@ REPEAT_AFTER = 0.5
 # ComfyStream-like FIFO processor capped at 10 fps it bounds the round trip to about
 # (window / 10 fps) instead of letting it grow by two thirds of a second every second.
 MAX_IN_FLIGHT = 4
-# Seconds of queued access units still sent at their media time (an input's jitter smoothed);
-# a longer backlog (a session joining mid-segment gets the segment so far at once) is caught up.
-BACKLOG_SMOOTHED = 0.1
+# Of a frame interval at max_fps: how much sooner than that a frame may follow the last one sent
+# (variable frame rates and rounded timestamps).
+RATE_TOLERANCE = 0.1
 # A frame not back after this long is presumed dropped by the processor and stops counting.
 IN_FLIGHT_EXPIRY = 1.0
 
@@ -69,6 +73,7 @@ class SendStats:
     paced_seconds: float = 0.0  # time frames were held back until due
     throttled_seconds: float = 0.0  # time spent waiting for the processor to return frames
     presumed_lost: int = 0  # frames not back within IN_FLIGHT_EXPIRY, no longer waited for
+    rate_capped: int = 0  # frames not sent: max_fps
 
 
 class InFlight:
@@ -127,11 +132,11 @@ class SendTrack(MediaStreamTrack):
 
     def __init__(
         self,
-        frames: LatestFrame,
+        frames: FrameQueue,
         encoder: VideoEncoder | None,
         executor: Executor,
         *,
-        pacer: Pacer | None,
+        timeline: SessionTimeline | None,
         roundtrip: RoundTrip,
         in_flight: InFlight,
         clock_origin: float,
@@ -144,13 +149,14 @@ class SendTrack(MediaStreamTrack):
         self.stats = stats if stats is not None else SendStats()
         self._frames = frames
         self._executor = executor
-        self._pacer = pacer
+        self._timeline = timeline  # None: not paced (catch-up), every frame at once
         self._roundtrip = roundtrip
         self._in_flight = in_flight
         self._origin = clock_origin
         self._repeat_after = repeat_after
-        self._min_interval = 1 / max_fps if max_fps else 0.0
-        self._last_sent = -math.inf
+        self._min_interval = round((1 - RATE_TOLERANCE) / max_fps / CLOCK) if max_fps else 0
+        self._last_media: int | None = None  # of the last fresh frame sent (max_fps)
+        self._media: int | None = None  # session time of the input frame sent last
         self._after_units = False  # the last thing sent was an access unit: the next frame is an IDR
         self._encode_loop = asyncio.get_running_loop()
 
@@ -170,56 +176,80 @@ class SendTrack(MediaStreamTrack):
                 if self._frames.ended:
                     break  # the input has ended: so does this track
                 continue
-            frame, fresh = taken
-            if fresh:
-                await self._until_due(frame)
+            frame = taken.item
+            if taken.fresh:
+                media = await self._until_due(taken)
+                if media is None:
+                    continue  # let go: the timeline or the rate cap counted it
+                self._media = media
             else:
                 self.stats.repeated += 1
+                media = self._media  # the same picture again, from the same input frame
             pts = round((time.monotonic() - self._origin) / CLOCK)
             if isinstance(frame, av.Packet):
-                return self._forward(frame, pts)
+                return self._forward(frame, pts, media)
             if self._after_units:
                 self._after_units = False
                 if self.encoder is not None:
                     self.encoder.request_keyframe()
             if self.encoder is None:
-                return self._sent(pts, _stock(frame, pts))
+                return self._sent(pts, media, _stock(frame, pts))
             packets = await self._encode_loop.run_in_executor(self._executor, self.encoder.encode, frame, pts)
             if packets:
                 packet = _one_packet(packets)
                 self.stats.bytes += packet.size
-                return self._sent(pts, packet)
+                return self._sent(pts, media, packet)
         raise MediaStreamError
 
-    def _forward(self, unit: av.Packet, pts: int) -> av.Packet:
+    def _forward(self, unit: av.Packet, pts: int, media: int | None) -> av.Packet:
         """The input's access unit, restamped on the send timeline (aiortc only packetises it)."""
         unit.pts = unit.dts = pts
         unit.time_base = CLOCK
         self._after_units = True
         self.stats.forwarded += 1
         self.stats.bytes += unit.size
-        return self._sent(pts, unit)
+        return self._sent(pts, media, unit)
 
-    def _sent(self, pts: int, data: _Sent) -> _Sent:
-        sent = self._last_sent = time.monotonic()
-        self._roundtrip.sent(pts, sent)
+    def _sent(self, pts: int, media: int | None, data: _Sent) -> _Sent:
+        sent = time.monotonic()
+        self._roundtrip.sent(pts, sent, media)
         self._in_flight.sent(sent)
         self.stats.frames += 1
         return data
 
-    async def _until_due(self, frame: av.VideoFrame | av.Packet) -> None:
+    async def _until_due(self, taken: Taken) -> int | None:
+        """Wait until the frame is due, and give its session time (the input's media time when
+        not paced); None: it is let go instead (counted)."""
+        frame, timeline = taken.item, self._timeline
+        media = frame.pts
+        if media is None:
+            return None
+        if self._min_interval and not isinstance(frame, av.Packet):
+            if self._last_media is not None and 0 <= media - self._last_media < self._min_interval:
+                self.stats.rate_capped += 1
+                return None
+            self._last_media = media
+        if timeline is None:
+            return media  # catch-up: at once
         now = time.monotonic()
-        due = now  # without media time or pacing: now
-        if self._pacer is not None and frame.pts is not None and frame.time_base:
+        if isinstance(frame, av.Packet):
             units = self._frames.units
-            newest = units.newest if units is not None and isinstance(frame, av.Packet) else None
-            if newest is not None and newest.pts is not None and newest.time_base:
-                self._pacer.catch_up(float(newest.pts * newest.time_base), now, BACKLOG_SMOOTHED)
-            due = self._pacer.due(float(frame.pts * frame.time_base), now)
-        delay = max(due, self._last_sent + self._min_interval) - now
+            skip = units.newest_keyframe if units is not None else None
+            if skip is not None and timeline.behind(media, now) > timeline.budget:
+                assert units is not None
+                units.skip(skip)  # whole GOPs: the units up to the newest keyframe go with this one
+                timeline.stats.late += 1 + skip
+                return None
+            placed = timeline.due(media, now)
+        else:
+            placed = timeline.decide(media, taken.ready, now)
+            if placed.decision is not Decision.SEND:
+                return None
+        delay = placed.due - now
         if delay > 0:
             self.stats.paced_seconds += delay
             await asyncio.sleep(delay)
+        return placed.session
 
     async def drain(self) -> None:
         """Wait until an encode this track started has finished (a cancelled recv() leaves it

@@ -4,16 +4,13 @@ settling, and the catch-up publisher's flow control."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from types import SimpleNamespace
 
-import av
 import pytest
 
 from bench.capacity import FIGURES, aggregate, session_figures, settle
-from bench.catchup import AHEAD, Publishing, _publish, decoder_waits, encode_input
+from bench.catchup import AHEAD, Publishing, _publish, encode_input
 from bench.memory import drift
-from relay_server.media.handoff import LatestFrame
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 
@@ -101,26 +98,3 @@ def test_encode_input_cuts_a_segment_per_gop() -> None:
     for segment in segments:
         data = b"".join(segment)
         assert len(data) % 188 == 0 and data[::188] == b"\x47" * (len(data) // 188)
-
-
-async def test_decoder_waits_for_the_sender_and_is_undone() -> None:
-    frames = LatestFrame(16, 16)
-    original = LatestFrame.put
-    with decoder_waits():
-        picture = av.VideoFrame(16, 16, "yuv420p")
-        frames.put(picture)
-        done = threading.Event()
-
-        def second() -> None:  # waits: the first frame has not been taken
-            frames.put(picture)
-            done.set()
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        assert not done.wait(0.2)
-        taken = await frames.next(0.5)
-        assert taken is not None
-        assert await asyncio.to_thread(done.wait, 1.0)
-        thread.join()
-        assert frames.dropped == 0
-    assert LatestFrame.put is original

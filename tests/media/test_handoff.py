@@ -1,4 +1,4 @@
-"""LatestFrame: the newest decoded frame from a producer thread to the loop, or the last one again."""
+"""FrameQueue: decoded frames from a producer thread to the loop in order, or the last one again."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from relay_server.media.handoff import LatestFrame
+from relay_server.media.handoff import FrameQueue
 
 WIDTH, HEIGHT = 64, 48
 CLOCK = Fraction(1, 90_000)
@@ -39,36 +39,64 @@ def levels(frame: av.VideoFrame) -> tuple[float, float, float]:
 
 
 async def test_next_before_any_frame_returns_none() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+    frames = FrameQueue(WIDTH, HEIGHT)
     assert await frames.next(0.02) is None
     assert frames.current is None
-    assert (frames.published, frames.dropped) == (0, 0)
+    assert (frames.put_count, frames.dropped) == (0, 0)
 
 
-async def test_newest_wins_and_replaced_frames_are_counted() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+async def test_every_frame_goes_in_order_as_a_copy() -> None:
+    frames = FrameQueue(WIDTH, HEIGHT)
     sources = [solid(level, pts) for level, pts in ((10, 100), (20, 200), (30, 300))]
     for source in sources:
         frames.put(source)
     # The hand-off holds copies: changing the producer's frames afterwards changes nothing.
     for source in sources:
         np.frombuffer(memoryview(source.planes[0]), np.uint8)[:] = 255
-    taken = await frames.next(1.0)
-    assert taken is not None
-    frame, fresh = taken
-    assert fresh
-    assert frame not in sources
-    assert levels(frame) == (30, 15, 15)
-    assert (frame.pts, frame.time_base) == (300, CLOCK)
-    assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
-    assert (frames.published, frames.dropped) == (3, 2)
-    assert frames.current is frame
+    assert len(frames) == 3
+    for level, pts in ((10, 100), (20, 200), (30, 300)):
+        taken = await frames.next(1.0)
+        assert taken is not None
+        frame, fresh, ready = taken
+        assert fresh and ready > 0
+        assert frame not in sources
+        assert levels(frame) == (level, level // 2, level // 2)
+        assert (frame.pts, frame.time_base) == (pts, CLOCK)
+        assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
+        assert frames.current is frame
+    assert (frames.put_count, frames.dropped, len(frames)) == (3, 0, 0)
     frames.close()
     assert frames.current is None
 
 
+async def test_a_full_queue_lets_its_oldest_frame_go() -> None:
+    frames = FrameQueue(WIDTH, HEIGHT, capacity=2)
+    for pts in (1, 2, 3, 4):
+        frames.put(solid(pts, pts))
+    assert (frames.dropped, len(frames)) == (2, 2)
+    taken = [await frames.next(1.0) for _ in range(2)]
+    assert [t[0].pts for t in taken if t is not None] == [3, 4]
+
+
+async def test_first_waits_for_the_first_frame_and_not_after() -> None:
+    frames = FrameQueue(WIDTH, HEIGHT)
+    waiting = asyncio.create_task(frames.first())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    producer = threading.Thread(target=frames.put, args=(solid(42, 1),), name="test-decode")
+    producer.start()
+    try:
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        producer.join()
+    await asyncio.wait_for(frames.first(), 1)  # already there: at once
+    ended = FrameQueue(WIDTH, HEIGHT)
+    ended.end()
+    await asyncio.wait_for(ended.first(), 1)  # no input will come: nothing to wait for
+
+
 async def test_repeat_after_timeout_returns_the_same_frame_not_fresh() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+    frames = FrameQueue(WIDTH, HEIGHT)
     frames.put(solid(77, 1234))
     first = await frames.next(1.0)
     assert first is not None and first[1]
@@ -84,7 +112,7 @@ async def test_repeat_after_timeout_returns_the_same_frame_not_fresh() -> None:
 
 
 async def test_put_from_another_thread_wakes_a_waiting_next() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+    frames = FrameQueue(WIDTH, HEIGHT)
     waiting = asyncio.create_task(frames.next())  # no repeat timer: only a put() can end it
     await asyncio.sleep(0)  # let it run until it waits
     assert not waiting.done()
@@ -98,8 +126,8 @@ async def test_put_from_another_thread_wakes_a_waiting_next() -> None:
     assert taken[1] and taken[0].pts == 4200 and levels(taken[0])[0] == 42
 
 
-async def test_many_frames_from_a_thread_latest_wins_and_every_one_is_accounted_for() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+async def test_many_frames_from_a_thread_go_in_order_and_every_one_is_accounted_for() -> None:
+    frames = FrameQueue(WIDTH, HEIGHT)
     count = 500
     done = threading.Event()
 
@@ -119,31 +147,32 @@ async def test_many_frames_from_a_thread_latest_wins_and_every_one_is_accounted_
                 assert pts is not None
                 taken_pts.append(pts)
                 assert levels(taken[0])[0] == pts % 200  # pixels and pts travel together
-            elif done.is_set() and frames.published == count:
+            elif done.is_set() and frames.put_count == count and not len(frames):
                 break
     finally:
         producer.join()
-    assert taken_pts == sorted(taken_pts) and taken_pts[-1] == count - 1
+    assert taken_pts == sorted(set(taken_pts)) and taken_pts[-1] == count - 1
     assert len(taken_pts) + frames.dropped == count
 
 
 async def test_frames_of_another_size_or_format_are_reformatted() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+    frames = FrameQueue(WIDTH, HEIGHT)
     frames.put(solid(100, 9, width=WIDTH * 2, height=HEIGHT * 2))
     frames.put(solid(100, 10, fmt="rgb24", chroma=128))  # grey: exact through RGB
     assert frames.reformatted == 2
-    taken = await frames.next(1.0)
-    assert taken is not None
-    frame, _ = taken
-    assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
-    assert frame.pts == 10
-    assert abs(levels(frame)[0] - 100) < 3
+    for pts in (9, 10):
+        taken = await frames.next(1.0)
+        assert taken is not None
+        frame = taken.item
+        assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
+        assert frame.pts == pts
+        assert abs(levels(frame)[0] - 100) < 3
     frames.put(solid(50, 11))  # the hand-off's own size and format: copied as is
     assert frames.reformatted == 2
 
 
 async def test_end_returns_none_once_the_frames_left_are_taken() -> None:
-    frames = LatestFrame(WIDTH, HEIGHT)
+    frames = FrameQueue(WIDTH, HEIGHT)
     waiting = asyncio.create_task(frames.next())
     await asyncio.sleep(0)
     frames.end()
@@ -155,7 +184,7 @@ async def test_end_returns_none_once_the_frames_left_are_taken() -> None:
 
 
 async def test_waiting_hand_off_loses_nothing_and_release_frees_the_producer() -> None:
-    frames = LatestFrame(64, 64, wait=True)
+    frames = FrameQueue(64, 64, wait=True)
     count = 200
     produced = threading.Event()
 

@@ -1,5 +1,5 @@
 """AccessUnits: encoded units in order, overflow and repeats resume at a keyframe; and how
-LatestFrame hands out units beside decoded frames."""
+FrameQueue hands out units beside decoded frames."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 import av
 
-from relay_server.media.handoff import LatestFrame
+from relay_server.media.handoff import FrameQueue
 from relay_server.media.units import AccessUnits
 from tests.media.test_handoff import HEIGHT, WIDTH, solid
 
@@ -93,28 +93,31 @@ def test_wait_mode_blocks_the_producer_instead_of_dropping() -> None:
     assert taken == list(range(count)) and units.dropped == 0
 
 
-async def test_latest_frame_gives_units_first_and_drops_the_older_frame() -> None:
+async def test_the_older_head_goes_first_frames_or_units() -> None:
     units = AccessUnits()
-    frames = LatestFrame(WIDTH, HEIGHT, units=units)
+    frames = FrameQueue(WIDTH, HEIGHT, units=units)
     frames.put(solid(10, 100))  # decoded before forwarding began at the keyframe below
     units.put(unit(200, keyframe=True))
     units.put(unit(300))
-    first = await frames.next(1.0)
-    second = await frames.next(1.0)
-    assert first is not None and second is not None
-    assert isinstance(first[0], av.Packet) and first[0].pts == 200 and first[1]
-    assert isinstance(second[0], av.Packet) and second[0].pts == 300
-    assert frames.dropped == 1 and not frames.pending
-    # Decoding resumes (forwarding ended): frames again.
+    taken = [await frames.next(1.0) for _ in range(3)]
+    assert [(type(t.item), t.item.pts, t.fresh) for t in taken if t is not None] == [
+        (av.VideoFrame, 100, True),
+        (av.Packet, 200, True),
+        (av.Packet, 300, True),
+    ]
+    assert frames.dropped == 0 and not len(frames)
+    # Decoding resumes (forwarding ended): frames again, after any unit still queued.
+    units.put(unit(350))
     frames.put(solid(20, 400))
-    third = await frames.next(1.0)
-    assert third is not None and isinstance(third[0], av.VideoFrame) and third[0].pts == 400
+    fourth, fifth = await frames.next(1.0), await frames.next(1.0)
+    assert fourth is not None and isinstance(fourth.item, av.Packet) and fourth.item.pts == 350
+    assert fifth is not None and isinstance(fifth.item, av.VideoFrame) and fifth.item.pts == 400
     frames.close()
 
 
 async def test_a_stall_after_units_repeats_the_last_keyframe_and_resumes_at_the_next() -> None:
     units = AccessUnits()
-    frames = LatestFrame(WIDTH, HEIGHT, units=units)
+    frames = FrameQueue(WIDTH, HEIGHT, units=units)
     for pts, keyframe in ((0, True), (1, False), (2, False)):
         units.put(unit(pts, keyframe))
     for _ in range(3):
@@ -131,7 +134,7 @@ async def test_a_stall_after_units_repeats_the_last_keyframe_and_resumes_at_the_
 
 async def test_a_waiting_next_wakes_for_a_unit_from_another_thread() -> None:
     units = AccessUnits()
-    frames = LatestFrame(WIDTH, HEIGHT, units=units)
+    frames = FrameQueue(WIDTH, HEIGHT, units=units)
     waiting = asyncio.create_task(frames.next())
     await asyncio.sleep(0)  # let it run until it waits
     producer = threading.Thread(target=units.put, args=(unit(7, keyframe=True),), name="test-decode")
@@ -143,11 +146,14 @@ async def test_a_waiting_next_wakes_for_a_unit_from_another_thread() -> None:
     assert taken is not None and taken[0].pts == 7
 
 
-def test_newest_is_the_last_unit_queued() -> None:
+def test_head_and_skipping_up_to_the_newest_keyframe() -> None:
     units = AccessUnits()
-    assert units.newest is None
-    units.put(unit(0, keyframe=True))
-    units.put(unit(1))
-    assert units.newest is not None and units.newest.pts == 1
-    drain(units)
-    assert units.newest is None
+    assert units.head is None and units.newest_keyframe is None
+    for pts, keyframe in ((0, True), (1, False), (2, False), (3, True), (4, False)):
+        units.put(unit(pts, keyframe))
+    assert units.head is not None and units.head.pts == 0
+    assert units.newest_keyframe == 3  # three units come before it
+    units.skip(3)
+    assert units.dropped == 3 and units.head is not None and units.head.pts == 3
+    assert drain(units) == [3, 4]
+    assert units.head is None

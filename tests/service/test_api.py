@@ -122,6 +122,7 @@ async def test_a_session_runs_is_steered_and_stops_through_the_api(
     assert config.encoder.preset == "ultrafast" and config.encoder.bitrate > 0
     assert config.encoder.gop.ToMilliseconds() == 500
     assert config.offer_timeout.ToSeconds() == 60
+    assert config.latency_budget.ToMilliseconds() == 500
     assert config.scale_mode == pb.SCALE_MODE_LETTERBOX and config.output_fill == pb.OUTPUT_FILL_REPEAT
     assert [json_format.MessageToDict(p) for p in config.prompts] == [INVERT]
     assert config.mode == pb.SESSION_MODE_AUTO
@@ -399,6 +400,7 @@ PRESETS = "ultrafast, superfast, veryfast, faster, fast, medium, slow, slower, v
             {"mode": pb.SESSION_MODE_PASSTHROUGH, "max_fps": 10},
             [("max_fps", "must be 0 in passthrough mode: the input is forwarded frame for frame")],
         ),
+        ({"latency_budget": seconds(0.01)}, [("latency_budget", "must be 0.05..10 s, got 0.01")]),
     ],
     ids=[
         "session_id",
@@ -410,6 +412,7 @@ PRESETS = "ultrafast, superfast, veryfast, faster, fast, medium, slow, slower, v
         "preset",
         "mode",
         "passthrough_fps",
+        "latency_budget",
     ],
 )
 async def test_invalid_argument_for_a_bad_start_request(
@@ -582,11 +585,11 @@ async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
     trickle_server: TrickleServer,
     processor: ProcessorServer,
     relay: Relay,
-    idle_channel: str,
+    live_source: LiveSource,
     make_watcher: MakeWatcher,
 ) -> None:
     bad = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
-    request = start_request("bad-prompt", idle_channel, processor.url, prompts=[struct(bad)])
+    request = start_request("bad-prompt", live_source.url, processor.url, prompts=[struct(bad)])
     await relay.stub.StartSession(request)
     watcher = make_watcher(relay.stub, "bad-prompt")
     assert await watcher.ended(within=20) == grpc.StatusCode.OK

@@ -36,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay_server import cli
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
+from relay_server.media.handoff import CAPACITY
 from relay_server.service.app import RelayApp, ServeOptions
 from relay_server.service.logs import make_handler
 from relay_server.trickle import Publisher
@@ -437,7 +438,7 @@ async def test_metrics_show_the_sessions_at_scrape_time(
         snapshot = app.manager.get("metered").snapshot()
         queues = {labels["queue"] for n, labels, _ in samples(text) if n == "relay_session_queue_depth"}
         assert queues == {queue.name for queue in snapshot.stats.queues}
-        assert value(text, "relay_session_queue_capacity", **sid, queue="decoded_frames") == 1
+        assert value(text, "relay_session_queue_capacity", **sid, queue="decoded_frames") == CAPACITY
         reasons = {labels["reason"] for n, labels, _ in samples(text) if n == "relay_session_drops_total"}
         assert reasons == set(snapshot.stats.drops)
         # No latency measured yet: no latency series rather than NaN.

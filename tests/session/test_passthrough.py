@@ -228,6 +228,7 @@ async def test_a_session_joining_mid_segment_catches_up_instead_of_lagging(
     stats, segments = await relayed(trickle_server, [clip], video_mode=VideoMode.PASSTHROUGH, behind=0.7)
     assert stats.paths.send == "forward"
     assert stats.units_dropped == 0 and stats.link.send.forwarded == clip.spec.frames
-    # Held back in all: the 0.1 s of smoothing at most, not the ~14 s a replay adds up to.
-    assert stats.link.send.paced_seconds < 1.0, stats.link.send.paced_seconds
+    # Held back in all: each live frame by the input's own jitter at most (its bytes come in
+    # pieces of a segment, not frame by frame), not the ~14 s a replay adds up to.
+    assert stats.link.send.paced_seconds < 3.0, stats.link.send.paced_seconds
     assert len(check_output(segments)) >= clip.spec.frames - 1

@@ -10,7 +10,7 @@ from typing import Any
 import av
 import pytest
 
-from relay_server.media.handoff import LatestFrame
+from relay_server.media.handoff import FrameQueue
 from relay_server.processor import ProcessorServer
 from relay_server.webrtc import LinkSettings, LinkState, ProcessorLink
 from tests.webrtc.support import HEIGHT, WIDTH, Changes, ProcessorProcess, Producer, Rig, measure
@@ -52,9 +52,9 @@ async def make_rig(make_processor: MakeProcessor, make_process: MakeProcess) -> 
         start: bool = True,
     ) -> Rig:
         changes = Changes()
-        frames = LatestFrame(WIDTH, HEIGHT)
+        frames = FrameQueue(WIDTH, HEIGHT)
 
-        async def on_frame(frame: av.VideoFrame, arrival: float) -> None:
+        async def on_frame(frame: av.VideoFrame, arrival: float, media: int | None) -> None:
             rig.returns.append(measure(frame, arrival))
             changes.notify()
 

@@ -20,7 +20,7 @@ import aiohttp
 import av
 import numpy as np
 
-from relay_server.media.handoff import LatestFrame
+from relay_server.media.handoff import FrameQueue
 from relay_server.webrtc import LinkError, LinkState, ProcessorLink
 
 WIDTH, HEIGHT = 256, 256
@@ -85,7 +85,7 @@ class Producer:
     """The input: puts `image` into the hand-off at 30 fps from a thread (its pacing is the
     source's, not synchronisation), with pts on the 90 kHz clock. stall() pauses it once."""
 
-    def __init__(self, frames: LatestFrame, image: av.VideoFrame, changes: Changes) -> None:
+    def __init__(self, frames: FrameQueue, image: av.VideoFrame, changes: Changes) -> None:
         self.frames = frames
         self.image = image
         self.put = 0
@@ -138,7 +138,7 @@ class Rig:
     """A link with its input and what it returned and reported."""
 
     link: ProcessorLink
-    frames: LatestFrame
+    frames: FrameQueue
     changes: Changes
     task: asyncio.Task[None] | None = None
     producer: Producer | None = None

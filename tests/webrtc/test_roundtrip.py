@@ -40,10 +40,12 @@ def simulate(
     roundtrip: RoundTrip,
     sent: list[tuple[int, float]],
     returned_pts: Callable[[int, int], int | None],
+    media: list[tuple[int, int | None]] | None = None,
 ) -> list[tuple[int, float | None]]:
-    """Send every frame and return each `LATENCY` later (in time order, several in flight) with
-    the pts `returned_pts(index, sent pts)` gives (None: the processor dropped it). Returns
-    (index, measured latency) per returned frame."""
+    """Send every frame (made from input frame `index`: its media time here) and return each
+    `LATENCY` later (in time order, several in flight) with the pts `returned_pts(index, sent
+    pts)` gives (None: the processor dropped it). Returns (index, measured latency: None when
+    unmatched) per returned frame; `media` gets (index, the media time the return was given)."""
     events: list[tuple[float, int, int]] = []  # (time, 0 send / 1 return, index)
     for index, (_, at) in enumerate(sent):
         events.append((at, 0, index))
@@ -52,9 +54,14 @@ def simulate(
     for at, kind, index in sorted(events):
         pts = sent[index][0]
         if kind == 0:
-            roundtrip.sent(pts, at)
+            roundtrip.sent(pts, at, index)
         elif (back := returned_pts(index, pts)) is not None:
-            results.append((index, roundtrip.returned(back, at)))
+            matched = roundtrip.matched
+            given = roundtrip.returned(back, at)
+            latency = roundtrip.latencies.values[-1] if roundtrip.matched > matched else None
+            results.append((index, latency))
+            if media is not None:
+                media.append((index, given))
     return results
 
 
@@ -80,6 +87,36 @@ def test_learns_an_unknown_offset_and_matches_every_return(jitter: float) -> Non
     assert roundtrip.unmatched == first
     assert roundtrip.first_sent == sent[0][1]
     assert list(roundtrip.latencies.values) == [pytest.approx(LATENCY)] * roundtrip.matched
+
+
+def test_every_return_gets_the_media_time_it_was_made_from() -> None:
+    # Matched, and before the offset is learnt, too: a processor returns frames in order.
+    media: list[tuple[int, int | None]] = []
+    simulate(RoundTrip(), sends(90), lambda _, pts: pts - OFFSET, media)
+    assert len(media) == 90 and all(index == given for index, given in media)
+
+
+def test_a_dropping_processor_gets_the_media_times_right_once_learnt() -> None:
+    kept = lambda index: index % 4 != 1  # noqa: E731
+    media: list[tuple[int, int | None]] = []
+    results = simulate(RoundTrip(), sends(120), lambda i, pts: pts - OFFSET if kept(i) else None, media)
+    first = matched_from(results)
+    assert first is not None
+    assert all(index == given for index, given in media[first:])
+    # Guessed in order before: never one that had already been given.
+    guessed = [given for _, given in media[:first]]
+    assert guessed == sorted(set(guessed))
+
+
+def test_a_frame_at_the_processor_is_pending_until_it_is_back_or_presumed_lost() -> None:
+    roundtrip = RoundTrip()
+    assert roundtrip.pending(since=0.0) is None
+    for index, (pts, at) in enumerate(sends(5)):
+        roundtrip.sent(pts, at, index)
+    assert roundtrip.pending(since=0.0) == 0
+    roundtrip.returned(123, 0.2)  # unmatched: the oldest is taken to be it
+    assert roundtrip.pending(since=0.0) == 1
+    assert roundtrip.pending(since=2.5 / 30) == 3  # sent before `since`: presumed lost
 
 
 def test_wrapped_pts_and_a_negative_offset_are_learnt_too() -> None:
@@ -148,7 +185,7 @@ def test_only_recent_sends_are_remembered() -> None:
         roundtrip.returned(pts - OFFSET, at + LATENCY)
     assert roundtrip.matched == 10 - LEARNT_AFTER
     before = roundtrip.matched
-    assert roundtrip.returned(sent[10][0] - OFFSET, sent[-1][1] + 1) is None
+    roundtrip.returned(sent[10][0] - OFFSET, sent[-1][1] + 1)
     assert roundtrip.matched == before
 
 
