@@ -20,7 +20,9 @@ completed (or on_audio for an audio packet). on_audio_stream comes once,
 before the first on_audio of a packet whose stream parameters are known, with an AudioInfo a
 muxer can carry the packets with (built here: it must be made on the thread that owns the
 demuxer); when the input has audio for on_audio, the first frames wait for it (at most
-AUDIO_WAIT), so that an owner can add the stream to its output before the video begins. Exactly
+`audio_wait` of video time), so that an owner can add the stream to its output before the video
+begins, unless `audio_wait` is 0 (a live relay: muxers write audio up to 0.7 s after the video
+beside it, and the video must not wait for it). Exactly
 one of on_end (the input ended and every frame was delivered) or on_error (the decoder gave up)
 ends a run, unless stop() ended it first; on_exit comes last in every case, so an owner on an
 event loop can wait for the thread without blocking (stop(wait=False), then join only once
@@ -46,7 +48,7 @@ from av.video.codeccontext import VideoCodecContext
 
 from relay_server import settings
 from relay_server._fast import ChunkQueue, QueueAborted
-from relay_server.media.h264 import is_idr
+from relay_server.media.h264 import declared_frame_rate, is_idr
 from relay_server.media.scaler import Scaler
 from relay_server.media.segmenter import AudioInfo
 from relay_server.media.tsvideo import AccessUnit, Damage, Program, SplitterStats, VideoSplitter
@@ -90,8 +92,8 @@ CORRUPT_BUDGET = 100
 # it is (the trickle segments each begin with PAT and PMT; FFmpeg repeats them every 0.1 s).
 PROGRAM_SEARCH = 1 << 20
 # How long (in the video's own time, 90 kHz) the first frames wait for the audio stream's parameters
-# when the input has audio for on_audio: an owner must add the audio stream to its output before
-# the first frame reaches it. The first audio packet comes with the first frames.
+# by default, when the input has audio for on_audio: an owner that must add the audio stream to its
+# output before the first frame reaches it.
 AUDIO_WAIT = 45_000
 CLOCK = Fraction(1, 90_000)  # MPEG-TS timestamps
 
@@ -131,6 +133,7 @@ class DecoderStats:
     width: int = 0
     height: int = 0
     reorder_depth: int = 0  # frames the decoder holds back to reorder B-frames (0: no B-frames)
+    declared_rate: Fraction | None = None  # frames per second the input's SPS declares (VUI timing)
     first_pts: int | None = None
     last_pts: int | None = None
     time_base: Fraction | None = None
@@ -161,9 +164,11 @@ class Decoder:
         on_exit: Callable[[], object] | None = None,
         thread_count: int | None = None,
         corrupt_budget: int = CORRUPT_BUDGET,
+        audio_wait: int = AUDIO_WAIT,
         name: str = "decoder",
     ) -> None:
         self.name = name
+        self.audio_wait = audio_wait  # 90 kHz ticks
         self.stats = DecoderStats()
         self.error: Exception | None = None  # why the decoder gave up, once it has
         self.audio_stream_info: AudioStreamInfo | None = None  # once the first audio packet is read
@@ -273,7 +278,7 @@ class Decoder:
         if self._on_audio is None or not program.others:
             source.drain()  # reading the input decodes its video
             return
-        self._held = []  # the first frames wait for the audio stream
+        self._held = [] if self.audio_wait else None  # the first frames wait for the audio stream
         self._demux(source, video=False)
         source.drain()  # the rest of the input, should libavformat have stopped reading before its end
 
@@ -356,7 +361,7 @@ class Decoder:
             first, last = held[0], held[-1]
             start = first.dts if first.dts is not None else first.pts
             end = last.dts if last.dts is not None else last.pts
-            if len(held) > 64 or (start is not None and end is not None and end - start >= AUDIO_WAIT):
+            if len(held) > 64 or (start is not None and end is not None and end - start >= self.audio_wait):
                 log.info("decoder %s: no audio stream parameters after %d video frames", self.name, len(held))
                 self._release_held()
         else:
@@ -369,6 +374,8 @@ class Decoder:
 
     def _unit(self, unit: AccessUnit) -> None:
         assert self._codec is not None
+        # An SPS comes before the first slice of a unit, so this looks no further (~0.5 µs).
+        self.stats.declared_rate = declared_frame_rate(unit.data) or self.stats.declared_rate
         packet = av.Packet(unit.data)
         packet.pts, packet.dts, packet.time_base = unit.pts, unit.dts, CLOCK
         self._video_packet(self._codec, packet, unit)

@@ -32,9 +32,12 @@ async def feed(
     queue: ChunkQueue,
     stats: FeedStats | None = None,
     on_chunk: Callable[[bytes], object] | None = None,
+    on_start: Callable[[bool], object] | None = None,
 ) -> None:
     """Put every chunk of every segment into `queue`, then close it (end of stream).
-    `on_chunk` sees each chunk first, as it arrives (the session timeline stamps arrivals).
+    `on_chunk` sees each chunk first, as it arrives (the session timeline stamps arrivals);
+    `on_start` is told once, before the first chunk, whether the input is read from its start (a
+    Subscriber whose channel appeared only after it began to read) rather than joined live.
 
     Cancellation or a subscriber failure aborts the queue, so the decoder stops too, and is
     re-raised; so is InputNotFound for a Subscriber whose channel never appeared. When the
@@ -47,6 +50,8 @@ async def feed(
     queue.set_writable_callback(lambda: loop.call_soon_threadsafe(writable.set))
     try:
         async for segment in subscriber:
+            if not stats.segments and on_start is not None:
+                on_start(isinstance(subscriber, Subscriber) and subscriber.waited_for_channel)
             stats.segments += 1
             async for chunk in segment:
                 if on_chunk is not None:

@@ -20,12 +20,13 @@ import asyncio
 import copy
 import logging
 from collections.abc import AsyncIterable, Callable
+from fractions import Fraction
 
 import av
 
 from relay_server import settings
 from relay_server._fast import ChunkQueue
-from relay_server.media.decoder import Decoder, DecoderStats
+from relay_server.media.decoder import AUDIO_WAIT, Decoder, DecoderStats
 from relay_server.media.feeder import FeedStats, feed
 from relay_server.media.scaler import ScaleMode, Scaler
 from relay_server.media.segmenter import AudioInfo
@@ -53,11 +54,14 @@ class MediaInput:
         on_audio_stream: Callable[[AudioInfo], object] | None = None,
         on_video_packet: Callable[[av.Packet], bool] | None = None,
         on_chunk: Callable[[bytes], object] | None = None,
+        on_start: Callable[[bool], object] | None = None,
+        audio_wait: int = AUDIO_WAIT,
         buffer_size: int | None = None,
         name: str = "input",
     ) -> None:
         self.name = name
         self._on_chunk = on_chunk  # on the loop, each chunk as it arrives
+        self._on_start = on_start  # on the loop: read from the input's start (True) or joined live
         self.feed_stats = FeedStats()  # written by the feed task, on the loop
         self._source = source
         self._queue = ChunkQueue(buffer_size or settings.buffer_size())
@@ -69,6 +73,7 @@ class MediaInput:
             on_audio_stream=on_audio_stream,
             on_video_packet=on_video_packet,
             on_exit=self._on_decoder_exit,
+            audio_wait=audio_wait,
             name=f"decoder {name}",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +109,11 @@ class MediaInput:
         return self._queue.size, self._queue.capacity
 
     @property
+    def declared_rate(self) -> Fraction | None:
+        """Frames per second the input's SPS declares, once seen (None: not declared)."""
+        return self._decoder.stats.declared_rate
+
+    @property
     def decoder_stats(self) -> DecoderStats:
         """A copy: the decode thread keeps writing the live one (fields may be a packet apart)."""
         return copy.copy(self._decoder.stats)
@@ -119,7 +129,8 @@ class MediaInput:
             source = self._subscriber = Subscriber(source)
         self._decoder.start()
         self._feeding = loop.create_task(
-            feed(source, self._queue, self.feed_stats, self._on_chunk), name=f"feed {self.name}"
+            feed(source, self._queue, self.feed_stats, self._on_chunk, self._on_start),
+            name=f"feed {self.name}",
         )
 
     async def stop(self) -> None:

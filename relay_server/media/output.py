@@ -8,9 +8,10 @@
     await pipeline.stop()                         # flushes, ends the last segment, joins
 
 Two hand-offs cross between the event loop and the encode thread, each bounded:
-- frames, encoded packets and audio in (`_Inbox`): frames are latest-wins for live (a frame the
-  encoder had no time for is replaced by the newer one, counted), or blocking for catch-up and
-  tests. Packets go to the muxer as they are and cannot be replaced: a dropped one breaks the
+- frames, encoded packets and audio in (`_Inbox`): live, frames queue in order up to a bound and
+  the oldest goes beyond it (counted; the encoder is far faster than real time, so only a stall
+  of the encode thread comes near it), or blocking for catch-up and tests. Packets go to the
+  muxer as they are and cannot be replaced: a dropped one breaks the
   picture up to the next keyframe, so they queue in order, and when live overflows the queue
   it drops up to the next keyframe (counted). Frames and packets may take turns mid-stream
   (transcode and passthrough); the encode thread keeps the output decodable across the switches
@@ -43,10 +44,10 @@ log = logging.getLogger(__name__)
 # Segment bytes between the encode thread and the publisher: about 4 s of video at 2 Mbit/s,
 # enough to ride out a slow POST without stalling the encoder, small enough to bound latency.
 SINK_BUFFER = 1024 * 1024
-# Frames queued for the encoder under the blocking policy (latest-wins holds one).
+# Frames queued for the encoder: a burst of returned frames (a processor catching up) waits here.
 QUEUE_FRAMES = 4
 # Audio packets queued for the encode thread: over 5 s of AAC or Opus. Audio is never replaced
-# by newer audio (each packet is its own stretch of sound); under latest-wins the oldest goes
+# by newer audio (each packet is its own stretch of sound); live, the oldest goes
 # when the encode thread is that far behind, counted.
 QUEUE_AUDIO = 256
 
@@ -261,20 +262,20 @@ class SegmentPublisherSink(SegmentSink):
 class Policy(enum.Enum):
     """What submit() does when the encode thread is behind."""
 
-    LATEST = "latest"  # live: the waiting frame is replaced by the newer one (counted as dropped)
+    LIVE = "live"  # frames queue up to queue_frames, the oldest dropped beyond (counted)
     BLOCK = "block"  # catch-up and tests: submit() waits for room; nothing is dropped
 
 
 @dataclass(frozen=True)
 class PipelineStats:
     frames_in: int = 0  # frames submitted
-    frames_dropped: int = 0  # frames replaced before the encoder took them (Policy.LATEST)
+    frames_dropped: int = 0  # frames let go before the encoder took them: the queue was full (LIVE)
     frames_waited: int = 0  # submits that waited for room (Policy.BLOCK)
     audio_in: int = 0  # audio packets submitted
-    audio_dropped: int = 0  # oldest audio let go when QUEUE_AUDIO was full (Policy.LATEST)
+    audio_dropped: int = 0  # oldest audio let go when QUEUE_AUDIO was full (Policy.LIVE)
     audio_waited: int = 0  # submits that waited for room (Policy.BLOCK)
     packets_in: int = 0  # encoded video packets submitted (submit_packet)
-    # Packets not muxed: an overflow (Policy.LATEST) and the packets after it up to a keyframe;
+    # Packets not muxed: an overflow (Policy.LIVE) and the packets after it up to a keyframe;
     # packets before the first keyframe after frames (or at the start), or after a packet
     # dropped; packets stamped not after the video before them.
     packets_dropped: int = 0
@@ -310,10 +311,10 @@ class _Inbox:
     """Frames, encoded packets and audio from the event loop to the encode thread.
 
     Frames and packets share one lane, in the order they came: the encode thread must see a
-    switch between them where it happened. Under LATEST at most one frame waits there (a newer
-    one replaces it), while packets queue up to the lane's limit: a packet dropped breaks every
-    picture up to the next keyframe, so when the lane is full the queued non-keyframes go and
-    packets are skipped up to the next keyframe (the picture resumes cleanly, later).
+    switch between them where it happened. Under LIVE both queue up to the lane's limit. When it
+    is full, the oldest frame goes; a packet dropped breaks every picture up to the next keyframe,
+    so the queued non-keyframes go and packets are skipped up to the next keyframe (the picture
+    resumes cleanly, later).
 
     The loop side never blocks the loop: under BLOCK it awaits room, which the thread
     announces with call_soon_threadsafe only when a submitter is actually waiting.
@@ -344,8 +345,7 @@ class _Inbox:
 
     async def put_frame(self, frame: av.VideoFrame, pts90k: int) -> None:
         def admit() -> bool:
-            if self.policy is Policy.LATEST:
-                self._replace_frame()
+            if self.policy is Policy.LIVE:
                 if self.video_lane.full():
                     self._overflow()
             elif self.video_lane.full():
@@ -410,15 +410,8 @@ class _Inbox:
                 self._room.clear()
             await self._room.wait()
 
-    def _replace_frame(self) -> None:
-        for index, (item, _) in enumerate(self.video_lane.items):
-            if isinstance(item, av.VideoFrame):
-                del self.video_lane.items[index]
-                self.frames.dropped += 1
-                return
-
     def _overflow(self) -> None:
-        """LATEST, the video lane full: the queued non-keyframes go (what follows them cannot
+        """LIVE, the video lane full: the queued non-keyframes go (what follows them cannot
         be decoded without them either); if that made no room (a lane of keyframes and
         perhaps a frame), the oldest goes."""
         kept: deque[tuple[av.VideoFrame | av.Packet, int]] = deque()
@@ -553,7 +546,7 @@ class OutputPipeline:
         publisher: Publisher,
         encoder: VideoEncoder,
         *,
-        policy: Policy = Policy.LATEST,
+        policy: Policy = Policy.LIVE,
         drop_audio: bool = False,
         queue_frames: int = QUEUE_FRAMES,
         queue_audio: int = QUEUE_AUDIO,
@@ -607,28 +600,21 @@ class OutputPipeline:
 
     @property
     def queued_frames(self) -> tuple[int, int]:
-        """Frames and packets waiting for the encode thread now, and the most that may wait
-        (under LATEST one frame, unless packets were submitted: they queue)."""
+        """Frames and packets waiting for the encode thread now, and the most that may wait."""
         inbox = self._inbox
-        if inbox is None:
-            return 0, 1 if self.policy is Policy.LATEST else self._queue_frames
-        queue = self.policy is Policy.BLOCK or inbox.packets.received > 0
-        return len(inbox.video_lane.items), self._queue_frames if queue else 1
+        return (len(inbox.video_lane.items) if inbox is not None else 0), self._queue_frames
 
     def add_audio_stream(self, info: AudioInfo) -> None:
         """Carry this audio stream into the output (ignored with drop_audio); on the event loop,
-        before the first submit() or submit_audio(), which may be after start(): a live input's
-        audio parameters are known only once its first audio packet has been demuxed."""
-        inbox = self._inbox
-        if inbox is None:
-            self.segmenter.add_audio_stream(info)
-            return
-        # Nothing submitted yet, so the encode thread waits in take() on this condition and
-        # does not touch the segmenter while it is held.
-        with inbox._cond:
-            if inbox.frames.received or inbox.packets.received or inbox.audio.received:
-                raise RuntimeError("add the audio stream before the first frame or audio packet")
-            self.segmenter.add_audio_stream(info)
+        before its first submit_audio(). A live input's audio parameters are known only once its
+        first audio packet has been demuxed, and muxers write audio up to 0.7 s after the video
+        beside it: the output does not wait for it. Added after the output began, the stream
+        joins at the next segment, which is begun at once: a keyframe is asked for."""
+        self.segmenter.add_audio_stream(info)
+        if self.segmenter.stats.segments:
+            self.encoder.request_keyframe()
+            if self.on_keyframe_overdue is not None:
+                self.on_keyframe_overdue()
 
     def start(self) -> None:
         """Start the publishing task and the encode thread; call on the event loop."""
@@ -656,7 +642,7 @@ class OutputPipeline:
         is, stamped `pts90k` on the output clock: no re-encode. Frames and packets may take
         turns at any point (see _Splicer for how the output stays decodable). The packet is
         the pipeline's from here on. Shares the frames' bound: under BLOCK this waits while
-        QUEUE_FRAMES are queued; under LATEST a full queue drops packets up to a keyframe."""
+        QUEUE_FRAMES are queued; under LIVE a full queue drops packets up to a keyframe."""
         await self._running().put_packet(packet, pts90k)
 
     async def submit_audio(self, packet: av.Packet, pts90k: int) -> None:

@@ -33,6 +33,7 @@ import av.container
 import av.stream
 
 from relay_server.media.encoder import CLOCK
+from relay_server.media.h264 import with_frame_rate
 
 # Audio packets waiting for the video to pass their timestamp. Audio arrives from the demuxer
 # ahead of the processed video; 256 packets is over 5 s of AAC or Opus. When video stalls for
@@ -100,7 +101,7 @@ class SegmenterStats:
     video_packets: int = 0  # video packets muxed
     video_dropped: int = 0  # video packets before the first keyframe (no segment to put them in)
     audio_packets: int = 0  # audio packets muxed
-    audio_dropped: int = 0  # audio before the first segment or beyond AUDIO_QUEUE, or drop_audio
+    audio_dropped: int = 0  # audio before the first segment with audio, beyond AUDIO_QUEUE, or drop_audio
     audio_pts_fixed: int = 0  # audio timestamps not after the previous one, moved to previous + 1
 
 
@@ -120,6 +121,9 @@ class Segmenter:
         self.width = width
         self.height = height
         self.drop_audio = drop_audio
+        # What every SPS muxed declares (its VUI timing), when set: the input's frame rate, which
+        # readers take the stream's to be (any thread may set it; the muxing thread reads it).
+        self.frame_rate: Fraction | None = None
         self.stats = SegmenterStats()
         self._sink = sink
         self._writer = _SinkWriter(sink, self.stats)
@@ -132,9 +136,8 @@ class Segmenter:
         self._open: _OpenSegment | None = None
 
     def add_audio_stream(self, info: AudioInfo) -> None:
-        """Carry an audio stream in every segment; only before the first packet."""
-        if self.stats.segments:
-            raise RuntimeError("the audio stream must be added before the first segment")
+        """Carry an audio stream in every segment from the next one begun (any thread: the muxing
+        thread reads it when it begins one); audio before that is dropped, counted."""
         if not self.drop_audio:
             self._audio_info = info
 
@@ -146,6 +149,8 @@ class Segmenter:
         # segment it belongs to.
         self._release_audio(before=dts)
         if packet.is_keyframe:
+            if self.frame_rate is not None:
+                packet = _retimed(packet, self.frame_rate)
             self._end_segment()
             self._begin_segment()
         if self._open is None:
@@ -219,7 +224,11 @@ class Segmenter:
             buffer_size=WRITE_BUFFER,
             # flush_packets: the sink gets each packet's bytes as it is muxed, not when the
             # buffer fills. mpegts_copyts: timestamps as given, never offset by the muxer.
-            container_options={"flush_packets": "1", "mpegts_copyts": "1"},
+            # max_interleave_delta: a packet goes out once one with a later timestamp is in,
+            # whichever stream it is on. FFmpeg otherwise holds every video packet until the
+            # audio has caught up with it, and muxers put audio in PES of up to 0.7 s (FFmpeg's
+            # max_delay) that arrive that late: measured, video held 31 frames (0.5 s), not 1.
+            container_options={"flush_packets": "1", "mpegts_copyts": "1", "max_interleave_delta": "1"},
         )
         video = container.add_mux_stream("h264", width=self.width, height=self.height)
         video.time_base = CLOCK
@@ -236,6 +245,16 @@ class Segmenter:
         # Closing writes out what the muxer still holds (interleaving queue, buffered audio).
         container.close()
         self._sink.end(self._index)
+
+
+def _retimed(packet: av.Packet, rate: Fraction) -> av.Packet:
+    data = bytes(packet)
+    retimed = with_frame_rate(data, rate)
+    if retimed is data:
+        return packet
+    copy = av.Packet(retimed)
+    copy.pts, copy.dts, copy.time_base, copy.is_keyframe = packet.pts, packet.dts, packet.time_base, True
+    return copy
 
 
 @dataclass(frozen=True)

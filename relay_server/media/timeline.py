@@ -27,7 +27,7 @@ arrival, up to half the budget: bursts and B-frame reordering are spread out, no
 backlog adds nothing, since each of its frames was the newest yet when it came); dropped when it
 would leave more than `budget` seconds behind the live edge; and, until the first frame of an
 epoch is sent, skipped when its bytes arrived more than JOIN_TOLERANCE late (the join backlog,
-skipped to the live edge at once).
+skipped to the live edge at once), unless the input is read from its start (input_started()).
 
 The output carries the input's timing: output_pts() is a session time plus one constant, set by
 the first returned frame so that the output clock starts where the relay's own did (at its
@@ -51,6 +51,7 @@ JOIN_TOLERANCE = 0.15  # seconds an epoch's first frames may have arrived late a
 LATENCY_BUDGET = 0.5  # default seconds a frame may leave behind the live edge
 ARRIVALS = 512  # video arrivals remembered (pts → clock time): seconds of input at any rate
 SMOOTHING_SAMPLES = 60  # arrival delays the smoothing is the 90th percentile of: 2 s at 30 fps
+EPOCHS = 4  # epochs whose media ranges audio is placed by
 
 
 class Decision(enum.Enum):
@@ -70,9 +71,10 @@ class TimelineStats:
 @dataclass
 class _Epoch:
     offset: float  # clock seconds minus media seconds: the live edge
+    first: int  # unwrapped ticks of its first video arrival
     newest: int  # unwrapped ticks of the newest video arrival
     session: int  # session ticks minus media ticks
-    sent: bool = False  # a frame of this epoch has been sent
+    joining: bool = True  # no frame sent yet: frames that came as a backlog are skipped
 
 
 class _Arrival(NamedTuple):
@@ -100,13 +102,21 @@ class SessionTimeline:
         self.stats = TimelineStats()
         self._epoch: _Epoch | None = None
         self._first: _Epoch | None = None  # its offset is the session clock's
+        self._epochs: deque[_Epoch] = deque(maxlen=EPOCHS)  # the newest last
         self._last_arrival = 0.0
         self._arrivals: OrderedDict[int, _Arrival] = OrderedDict()  # by unwrapped media ticks
         self._delays: deque[float] = deque(maxlen=SMOOTHING_SAMPLES)
         self._smoothing = 0.0
         self._output: int | None = None  # output ticks minus session ticks, once the output began
+        self._from_start = False  # the input is read from its start: its first epoch has no backlog
 
     # -- the input ----------------------------------------------------------------------------------
+
+    def input_started(self, from_start: bool) -> None:
+        """Before its first bytes: the input is read from its start (its channel appeared after the
+        session began, so what came before the first read is no join backlog, only the wait for
+        it: sent, if late), or joined while live."""
+        self._from_start = from_start
 
     @property
     def smoothing(self) -> float:
@@ -145,13 +155,24 @@ class SessionTimeline:
         # The session clock runs on as the wall clock does: the same session time for the same
         # clock time as in the first epoch.
         session = 0 if first is None else round((offset - first.offset) * TICKS) + first.session
-        epoch = self._epoch = _Epoch(offset, ticks, session)
+        joining = first is not None or not self._from_start
+        epoch = self._epoch = _Epoch(offset, ticks, ticks, session, joining)
+        self._epochs.append(epoch)
         if first is None:
             self._first = epoch
         self._delays.clear()
         self._smoothing = 0.0
         self.stats.epochs += 1
         return epoch
+
+    @property
+    def frame_rate(self) -> Fraction | None:
+        """The input's average frame rate over the arrivals remembered in this epoch."""
+        epoch = self._epoch
+        ticks = [media for media, arrival in self._arrivals.items() if arrival.epoch is epoch]
+        if len(ticks) < 2 or max(ticks) == min(ticks):
+            return None
+        return Fraction(TICKS * (len(ticks) - 1), max(ticks) - min(ticks)).limit_denominator(1001)
 
     def unwrap(self, pts: int) -> int:
         """`pts` (33-bit, or already unwrapped) as ticks continuing the newest arrival's."""
@@ -186,20 +207,20 @@ class SessionTimeline:
         ticks, (at, epoch) = self._arrival(pts, ready)
         live_edge = ticks / TICKS + epoch.offset
         session = ticks + epoch.session
-        if not epoch.sent and at - live_edge > JOIN_TOLERANCE:
+        if epoch.joining and at - live_edge > JOIN_TOLERANCE:
             self.stats.join_skipped += 1
             return Placed(Decision.JOIN_SKIPPED, now, session)
         if now - live_edge > self.budget:
             self.stats.late += 1
             return Placed(Decision.LATE, now, session)
-        epoch.sent = True
+        epoch.joining = False
         return Placed(Decision.SEND, live_edge + self._smoothing, session)
 
     def due(self, pts: int, now: float) -> Placed:
         """When a frame that cannot be let go (an access unit: the ones after it refer to it) is
         due: like a frame decide() sends; at once when it is late."""
         ticks, (_, epoch) = self._arrival(pts, now)
-        epoch.sent = True
+        epoch.joining = False
         return Placed(Decision.SEND, ticks / TICKS + epoch.offset + self._smoothing, ticks + epoch.session)
 
     def behind(self, pts: int, now: float) -> float:
@@ -213,7 +234,7 @@ class SessionTimeline:
         epoch = self._epoch
         ticks = self.unwrap(pts)
         arrival = self._arrivals.get(ticks)
-        if epoch is None or arrival is None or arrival.epoch is not epoch:
+        if epoch is None or arrival is None or arrival.epoch is not epoch or not epoch.joining:
             return False
         return arrival.at - (ticks / TICKS + epoch.offset) > JOIN_TOLERANCE
 
@@ -234,12 +255,30 @@ class SessionTimeline:
         """The output timestamp (90 kHz) of session time `session`; None before the output began."""
         return None if self._output is None else session + self._output
 
-    def audio_pts(self, pts: int) -> int | None:
-        """The output timestamp of the input's audio at `pts` (90 kHz), by the epoch in force."""
+    def audio_pts(self, pts: int, duration: int = 0) -> int | None:
+        """The output timestamp of the input's audio at `pts` lasting `duration` (90 kHz), by the
+        epoch of the video at that media time (a packet that ends after an epoch's first frame
+        begins belongs to it): the newest whose media times reach it, else an older one whose video
+        it is among (muxers write audio up to 0.7 s after the video beside it, so some comes
+        after a discontinuity's first frame). None: not yet known, because the output has not
+        begun or the audio ends after every video frame come so far (muxers write it up to a few
+        hundred ms ahead, in packets as long, and the input may stall right there: its video,
+        which then begins a new epoch, decides where it goes)."""
         epoch = self._epoch
         if epoch is None or self._output is None:
             return None
-        return self.unwrap(pts) + epoch.session + self._output
+        ticks = self.unwrap(pts)
+        end = ticks + duration
+
+        def reaches(e: _Epoch) -> bool:
+            return e.first < end and ticks <= e.newest + RESYNC * TICKS
+
+        if reaches(epoch):
+            if end > epoch.newest:
+                return None
+        else:
+            epoch = next((e for e in reversed(self._epochs) if reaches(e)), epoch)
+        return ticks + epoch.session + self._output
 
     def clock_pts(self, at: float) -> int:
         """Clock time `at` on the output's timeline (for frames no input frame is behind)."""

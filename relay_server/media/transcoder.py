@@ -10,7 +10,7 @@ Opus) is carried through as it is, unless drop_audio.
 
 Frames cross from the decode thread to the event loop with run_coroutine_threadsafe(submit(...)),
 waited for on the decode thread: under Policy.BLOCK that is the back-pressure that slows decoding
-(and so, through the ChunkQueue, reading) to the encoder's pace; under Policy.LATEST submit()
+(and so, through the ChunkQueue, reading) to the encoder's pace; under Policy.LIVE submit()
 returns at once. The loop never waits on a thread: MediaInput.ended and OutputPipeline.failed
 tell it when a side is done.
 """
@@ -79,7 +79,7 @@ class Transcoder:
         mode: ScaleMode = ScaleMode.LETTERBOX,
         encoder: EncoderSettings | None = None,
         drop_audio: bool = False,
-        policy: Policy = Policy.LATEST,
+        policy: Policy = Policy.LIVE,
         buffer_size: int | None = None,
         name: str = "transcoder",
     ) -> None:

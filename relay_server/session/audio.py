@@ -4,8 +4,9 @@ The video comes back from the processor stamped with the media time of the input
 made from plus the session's output offset (media/timeline.py); the audio never leaves the relay
 and keeps its own input timestamps on the same offset, so the two stay as in sync as the input
 was, from the first frame to the last, whatever the round trip does. Until the output has begun
-(the first returned frame sets the offset) packets wait here: at most HOLD of them, the oldest
-dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
+(the first returned frame sets the offset), and while a packet is ahead of all the input's video
+(the video that comes next decides its epoch), packets wait here: at most HOLD of them, the
+oldest dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class AudioCarrier:
     def __init__(self, pipeline: OutputPipeline, timeline: SessionTimeline) -> None:
         self.carried = 0  # packets handed to the output
         self.dropped = 0  # packets let go: held too long, no timestamp, or no stream to put them in
-        self.reason = ""  # why the audio is not carried, when it is not
         self._pipeline = pipeline
         self._timeline = timeline
         self._held: deque[av.Packet] = deque()
@@ -39,13 +39,7 @@ class AudioCarrier:
         self._carrying = False
 
     def add_stream(self, info: AudioInfo) -> None:
-        try:
-            self._pipeline.add_audio_stream(info)
-        except RuntimeError as error:
-            # The first returned frame beat the audio's first packet: the output began without it.
-            self.reason = f"the audio started after the output: {error}"
-            log.warning("the input's audio is not carried: %s", self.reason)
-            return
+        self._pipeline.add_audio_stream(info)
         self._carrying = True
 
     def put(self, packet: av.Packet) -> None:
@@ -59,7 +53,8 @@ class AudioCarrier:
         self._arrived.set()
 
     def frame_returned(self) -> None:
-        """A processed frame came back: the output, and with it the offset, may have begun."""
+        """A processed frame came back: the output, and with it the offset, may have begun, and
+        held audio's video may have come."""
         if self._held:
             self._arrived.set()
 
@@ -69,11 +64,19 @@ class AudioCarrier:
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            while self._held and timeline.output_started:
-                packet = self._held.popleft()
+            # A packet's end is where the next begins (a muxer's audio PES holds several frames
+            # and its duration says one): it waits for the next packet.
+            while len(self._held) > 1 and timeline.output_started:
+                packet, following = self._held[0], self._held[1]
                 assert packet.pts is not None and packet.time_base is not None
-                pts = timeline.audio_pts(round(packet.pts * packet.time_base * TICKS))
-                if pts is None or pts < 0:
+                assert following.pts is not None
+                base = packet.time_base * TICKS
+                start = round(packet.pts * base)
+                pts = timeline.audio_pts(start, max(0, round(following.pts * base) - start))
+                if pts is None:
+                    break  # ahead of the video: the next returned frame says where it goes
+                self._held.popleft()
+                if pts < 0:
                     self.dropped += 1  # before the output's clock began
                     continue
                 await self._pipeline.submit_audio(packet, pts)

@@ -39,6 +39,7 @@ import asyncio
 import copy
 import enum
 import logging
+import math
 import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from relay_server.media.feeder import FeedStats
 from relay_server.media.h264 import Verdict, is_idr
 from relay_server.media.handoff import FrameQueue
 from relay_server.media.input import MediaInput
-from relay_server.media.lastpicture import LastPicture, decode_last
+from relay_server.media.lastpicture import LastPicture
 from relay_server.media.output import OutputPipeline, PipelineStats, Policy, SinkStats
 from relay_server.media.scaler import ScaleMode
 from relay_server.media.segmenter import AudioInfo, SegmenterStats
@@ -194,7 +195,7 @@ class Relay:
         self._pipeline = OutputPipeline(
             self._publisher,
             encoding.encoder(width, height),
-            policy=Policy.BLOCK if catch_up else Policy.LATEST,
+            policy=Policy.BLOCK if catch_up else Policy.LIVE,
             drop_audio=drop_audio,
             on_keyframe_overdue=self._keyframe_overdue if zero_transcode else None,
         )
@@ -223,6 +224,8 @@ class Relay:
             on_audio_stream=self._on_audio_stream,
             on_video_packet=self._route,
             on_chunk=self._arrived,
+            on_start=self._timeline.input_started,
+            audio_wait=0,  # the output does not wait for the audio: it joins when it comes
             width=width,
             height=height,
             mode=mode,
@@ -246,11 +249,14 @@ class Relay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: av.VideoFrame | None = None  # the last frame the output got
         self._last_return = 0.0
+        self._decoded_at: float | None = None  # _last_return when the last picture was decoded
         self._last_out: int | None = None  # pts of the last video output
         self._last_session: int | None = None  # session time of the last frame returned
         self._interval = round(1 / (encoding.fps * CLOCK))  # the output's frame grid, for fills
         self._returns_behind = 0
         self._filled = 0
+        self._filling = False  # fill frames went out since the last unit the output took as it is
+        self._keyframe_asked = -math.inf  # when a keyframe was last asked for after a gap
         self._started_at: float | None = None
         self._ran = False
         self._stopping = asyncio.Event()
@@ -326,6 +332,8 @@ class Relay:
             linking = asyncio.create_task(link.run(), name=f"link {self.name}")
             filling = asyncio.create_task(self._fill(), name=f"fill {self.name}")
             carrying = asyncio.create_task(self._audio.run(), name=f"audio {self.name}")
+            for helper in (filling, carrying):
+                helper.add_done_callback(self._helper_done)
             stopping = asyncio.ensure_future(self._stopping.wait())
             try:
                 ending: list[asyncio.Future[Any]] = [source.ended, linking, self._pipeline.failed, stopping]
@@ -381,6 +389,12 @@ class Relay:
     def _arrived(self, chunk: bytes) -> None:
         """On the loop, each input chunk as it comes in: its video frames' arrivals."""
         self._arrivals.feed(chunk, time.monotonic())
+
+    def _helper_done(self, task: asyncio.Task[None]) -> None:
+        """The fill or the audio task ended: by cancellation, or by an error that ends the run."""
+        if not task.cancelled() and task.exception() is not None:
+            self._fatal = self._fatal or task.exception()
+            self._stopping.set()
 
     # -- the decode thread ------------------------------------------------------------------------
 
@@ -456,22 +470,40 @@ class Relay:
         """Where a returned frame made from the input frame at `session` (session time, from
         the round trip) goes on the output's timeline: that time plus the session's output
         offset (the first one sets it); None when that is not after the last frame output: a
-        repeat sent while the input stalled, or else counted."""
+        repeat sent while the input stalled (the output fills stalls itself), or else counted."""
         timeline = self._timeline
         if session is None:  # more came back than was sent: on the grid after the last one
             pts = timeline.clock_pts(arrival) if self._last_out is None else self._last_out + self._interval
         else:
             if session == self._last_session:
-                return None  # the same input frame again: a repeat (the output fills stalls itself)
+                return None  # the same input frame again, sent while the input stalled: a repeat
             self._last_session = session
             if not timeline.output_started:
                 timeline.start_output(session, arrival)
+                # Readers take the stream's frame rate from its SPS: the input's, not an encoder's.
+                rate = self._input.declared_rate or timeline.frame_rate
+                self._pipeline.segmenter.frame_rate = rate
             mapped = timeline.output_pts(session)
             assert mapped is not None
             pts = mapped
         if self._last_out is not None and pts <= self._last_out:
             self._returns_behind += 1
             return None
+        self._last_out = pts
+        return pts
+
+    def _fill_slot(self) -> int | None:
+        """The output frame grid's next slot for a repeat of the last picture, unless that is where
+        a frame still at the processor goes (repeats sent while the input stalls show the last
+        picture again and do not count)."""
+        if self._last_out is None:
+            return None
+        pts = self._last_out + self._interval
+        pending, shown = self.link.pending_media(), self._last_session
+        if pending is not None and (shown is None or pending > shown):
+            bound = self._timeline.output_pts(pending)
+            if bound is not None and pts >= bound:
+                return None
         self._last_out = pts
         return pts
 
@@ -482,33 +514,50 @@ class Relay:
         if packet.is_keyframe:
             self._keyframe_requests = 0
         if self._pictures is not None:
-            self._pictures.add(unit, packet.is_keyframe)
+            self._pictures.add(unit, packet.is_keyframe)  # repeats too: later units refer to them
         pts = self._output_pts(session, arrival)
         if pts is None:
             return
-        self._last, self._last_return = None, arrival  # decoded only if a gap needs it
+        self._last_return = arrival
         self._audio.frame_returned()
+        if self._filling and not packet.is_keyframe and self._pictures is not None:
+            # After fill frames the output takes the processor's units again only from a
+            # keyframe: until one comes (asked for), the units are decoded and encoded.
+            self._ask_keyframe(arrival)
+            self._last = await asyncio.to_thread(self._pictures.picture)
+            if self._last is not None:
+                await self._pipeline.submit(self._last, pts)
+            return
+        self._filling = False
+        self._last = None  # decoded only if a gap needs it
         await self._pipeline.submit_packet(packet, pts)
+
+    def _ask_keyframe(self, now: float) -> None:
+        """Ask the processor for a keyframe, at most once per fill_after."""
+        if now - self._keyframe_asked >= self.fill_after:
+            self._keyframe_asked = now
+            self.link.request_keyframe()
 
     async def _returned(self, frame: av.VideoFrame, arrival: float, session: int | None) -> None:
         self._returned_count += 1
         pts = self._output_pts(session, arrival)
         if pts is None:
             return
+        self._filling = False
         self._last, self._last_return = frame, arrival
         self._audio.frame_returned()
         await self._pipeline.submit(frame, pts)
 
     async def _decode_last_picture(self) -> None:
-        """A gap in a remuxed output begins: decode the processor's last GOP, once, off the loop."""
-        if self._pictures is None:
+        """A gap in a remuxed output begins: decode the processor's last units (the GOP is kept:
+        a unit that comes back later, alone, still needs it), once per gap, off the loop."""
+        returned = self._last_return
+        if self._pictures is None or self._decoded_at == returned:
             return
-        units, returned = self._pictures.units(), self._last_return
-        self._pictures.clear()
-        if units:
-            picture = await asyncio.to_thread(decode_last, units)
-            if self._last_return == returned:  # nothing newer came back meanwhile
-                self._last = picture
+        self._decoded_at = returned
+        picture = await asyncio.to_thread(self._pictures.picture)
+        if self._last_return == returned:  # nothing newer came back meanwhile
+            self._last = picture
 
     async def _fill(self) -> None:
         """Repeat the last frame into the output while none come back (FillMode.REPEAT). Sleeps
@@ -529,12 +578,10 @@ class Relay:
             elif now - self._last_return < self.fill_after:
                 wake = self._last_return + self.fill_after
             else:
-                pts = self._last_out + self._interval
-                pending = self.link.pending_media()
-                bound = self._timeline.output_pts(pending) if pending is not None else None
-                if bound is None or pts < bound:
+                pts = self._fill_slot()
+                if pts is not None:
                     self._filled += 1
-                    self._last_out = pts
+                    self._filling = True
                     await self._pipeline.submit(self._last, pts)
                 wake = now + interval
             await asyncio.sleep(max(0.0, wake - time.monotonic()))

@@ -85,6 +85,9 @@ class Subscriber:
         self.startup_grace = startup_grace
         self.backoff = backoff or Backoff()
         self.stats = SubscriberStats()
+        # The channel did not exist yet when reading began (404 within the start-up grace): its
+        # stream is read from its start, not joined while live.
+        self.waited_for_channel = False
         # Why iteration ended: "closed" (Lp-Trickle-Closed) or "not_found" (404); None while live.
         self.end_reason: str | None = None
         self._session = session
@@ -213,6 +216,7 @@ class Subscriber:
             elif status == 404:
                 if self._loop.time() >= self._grace_until:
                     return _Ended("not_found")
+                self.waited_for_channel = self.waited_for_channel or not self.stats.segments
                 await not_found.pause("404 within the start-up grace")
             else:
                 await self._pause_after_failure(failures, f"GET {seq}: HTTP {status}")

@@ -405,6 +405,7 @@ class _Connection:
             repeat_after=settings.repeat_after,
             max_fps=settings.max_fps,
             stats=link._send,
+            on_resume=self._input_resumed,
         )
         self.executor = executor
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
@@ -510,6 +511,12 @@ class _Connection:
         self.jitter.tap = self._tapped if remux else None
         if was and not remux:
             self.request_keyframe()  # aiortc's decoder starts again mid-GOP
+
+    def _input_resumed(self) -> None:
+        """Fresh frames follow repeats: the output filled the stall and can resume with the
+        processor's first frame only if it is a keyframe."""
+        if self.link.remux:
+            self.request_keyframe()
 
     def request_keyframe(self) -> bool:
         request = jitter.keyframe_request(self.receiver)

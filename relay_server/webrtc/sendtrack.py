@@ -7,7 +7,10 @@ burst is spread out, not thinned), or let it go, counted there, because it is th
 join or would leave more than the latency budget behind the live edge. With `max_fps` the frames
 are thinned by media time to that rate, counted in `rate_capped`. When the input stalls, the last
 frame goes again every `repeat_after` seconds: ComfyStream's track gives up for good after 5 s
-without an input frame.
+without an input frame (`on_resume` is told when fresh frames follow repeats: a remuxed output
+asks for a keyframe then, to resume with the processor's first frame). When the input ends, the
+last frame goes once more, so that the processor's jitter buffer (aiortc's releases a frame only
+when the next one starts) lets the last one out.
 
 recv() returns an encoded av.Packet, which aiortc only packetises (RTCRtpSender calls
 encoder.pack()): its own encoder would run x264 at the default preset (~5× the CPU of ultrafast)
@@ -34,8 +37,10 @@ which gives each returned frame back the media time of the frame it was made fro
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -46,7 +51,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from relay_server.media.encoder import CLOCK, VideoEncoder
 from relay_server.media.handoff import FrameQueue, Taken
-from relay_server.media.timeline import Decision, SessionTimeline
+from relay_server.media.timeline import TICKS, Decision, SessionTimeline
 from relay_server.webrtc.roundtrip import RoundTrip
 
 # Seconds without a new input frame before the last one is sent again: well inside
@@ -59,6 +64,10 @@ MAX_IN_FLIGHT = 4
 # Of a frame interval at max_fps: how much sooner than that a frame may follow the last one sent
 # (variable frame rates and rounded timestamps).
 RATE_TOLERANCE = 0.1
+# Frames that are late (queued while the processor was being connected, or after a stall) go at
+# up to four times their own pace, not all at once: a processor that keeps only its newest frame would
+# drop all but the last of a burst.
+CATCH_UP = 0.25
 # A frame not back after this long is presumed dropped by the processor and stops counting.
 IN_FLIGHT_EXPIRY = 1.0
 
@@ -143,8 +152,10 @@ class SendTrack(MediaStreamTrack):
         repeat_after: float = REPEAT_AFTER,
         max_fps: float = 0.0,
         stats: SendStats | None = None,
+        on_resume: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
+        self._on_resume = on_resume  # a fresh frame goes out after repeats: the input is back
         self.encoder = encoder
         self.stats = stats if stats is not None else SendStats()
         self._frames = frames
@@ -157,6 +168,9 @@ class SendTrack(MediaStreamTrack):
         self._min_interval = round((1 - RATE_TOLERANCE) / max_fps / CLOCK) if max_fps else 0
         self._last_media: int | None = None  # of the last fresh frame sent (max_fps)
         self._media: int | None = None  # session time of the input frame sent last
+        self._last_sent = -math.inf  # when a frame went out last
+        self._flushed = False  # the last frame went out once more after the input ended
+        self._repeating = False  # the last frame sent was a repeat
         self._after_units = False  # the last thing sent was an access unit: the next frame is an IDR
         self._encode_loop = asyncio.get_running_loop()
 
@@ -173,17 +187,26 @@ class SendTrack(MediaStreamTrack):
             timeout = None if self._frames.current is None else self._repeat_after
             taken = await self._frames.next(timeout)
             if taken is None:
-                if self._frames.ended:
-                    break  # the input has ended: so does this track
-                continue
+                if not self._frames.ended:
+                    continue
+                # The input has ended: so does this track, once its last frame is out of the
+                # processor's jitter buffer, which releases a frame only when the next one starts.
+                current = self._frames.current
+                if self._flushed or current is None:
+                    break
+                self._flushed = True
+                taken = Taken(current, False, time.monotonic())
             frame = taken.item
             if taken.fresh:
                 media = await self._until_due(taken)
                 if media is None:
                     continue  # let go: the timeline or the rate cap counted it
-                self._media = media
+                if self._repeating and self._on_resume is not None:
+                    self._on_resume()
+                self._media, self._repeating = media, False
             else:
                 self.stats.repeated += 1
+                self._repeating = True
                 media = self._media  # the same picture again, from the same input frame
             pts = round((time.monotonic() - self._origin) / CLOCK)
             if isinstance(frame, av.Packet):
@@ -211,7 +234,7 @@ class SendTrack(MediaStreamTrack):
         return self._sent(pts, media, unit)
 
     def _sent(self, pts: int, media: int | None, data: _Sent) -> _Sent:
-        sent = time.monotonic()
+        sent = self._last_sent = time.monotonic()
         self._roundtrip.sent(pts, sent, media)
         self._in_flight.sent(sent)
         self.stats.frames += 1
@@ -245,7 +268,10 @@ class SendTrack(MediaStreamTrack):
             placed = timeline.decide(media, taken.ready, now)
             if placed.decision is not Decision.SEND:
                 return None
-        delay = placed.due - now
+        due = placed.due
+        if self._media is not None and 0 < placed.session - self._media < TICKS:
+            due = max(due, self._last_sent + CATCH_UP * (placed.session - self._media) / TICKS)
+        delay = due - now
         if delay > 0:
             self.stats.paced_seconds += delay
             await asyncio.sleep(delay)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from relay_server._fast import ChunkQueue
-from relay_server.media.feeder import FeedStats, feed
+from relay_server.media.feeder import FeedStats, InputNotFound, feed
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 from tests.media.clips import memory_subscriber, take
@@ -126,3 +126,44 @@ async def test_feeds_from_a_trickle_subscriber(trickle_server: TrickleServer) ->
             await asyncio.wait_for(feeding, TIMEOUT)
             assert await asyncio.wait_for(reading, TIMEOUT) == b"".join(segments)
     assert queue.closed
+
+
+async def test_an_input_channel_that_never_appears_is_a_clear_error(trickle_server: TrickleServer) -> None:
+    url = trickle_server.channel_url("never")
+    queue = ChunkQueue(1 << 20)
+    async with Subscriber(url, startup_grace=0.5) as subscriber:
+        with pytest.raises(InputNotFound, match=rf"input channel {url} not found after 0\.5 s"):
+            await asyncio.wait_for(feed(subscriber, queue), TIMEOUT)
+    assert queue.aborted
+
+
+@pytest.mark.parametrize("live_first", [True, False], ids=["joined", "from_start"])
+async def test_the_start_says_whether_the_input_is_read_from_its_start(
+    trickle_server: TrickleServer, live_first: bool
+) -> None:
+    """A channel that appears only after reading began is read from its start; one that was
+    live before is joined."""
+    url = trickle_server.channel_url("start")
+    publisher = Publisher(url)
+    starts: list[bool] = []
+    started = asyncio.Event()
+
+    def on_start(from_start: bool) -> None:
+        starts.append(from_start)
+        started.set()
+
+    if live_first:
+        await publisher.create_channel()
+        async with await publisher.segment() as segment:
+            await segment.write(b"x")
+    asked = trickle_server.stats.get_requests
+    async with Subscriber(url, startup_grace=10) as subscriber:
+        feeding = asyncio.create_task(feed(subscriber, ChunkQueue(1 << 20), on_start=on_start))
+        if not live_first:  # the subscriber asks, and is told there is no such channel yet
+            await trickle_server.wait_until(lambda: trickle_server.stats.get_requests > asked, TIMEOUT)
+            async with await publisher.segment() as segment:
+                await segment.write(b"x")
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        await publisher.close()
+        await asyncio.wait_for(feeding, TIMEOUT)
+    assert starts == [not live_first]

@@ -24,10 +24,12 @@ from relay_server.media.h264 import (
     ParameterSets,
     Qualifier,
     Verdict,
+    declared_frame_rate,
     is_idr,
     nal_units,
     parse_sps,
     slice_type,
+    with_frame_rate,
 )
 from relay_server.media.tsvideo import AccessUnit, VideoSplitter
 from tests.media.clips import ClipSpec, make_clip, pattern, read_index
@@ -512,3 +514,70 @@ def test_qualifier_on_mpeg_ts_input(b_frames: int, expected: Verdict) -> None:
     qualifier = Qualifier(512, 512)
     changes = {i: v for i, unit in enumerate(units) if (v := qualifier.check(unit.data, unit.pts, unit.dts))}
     assert changes == {0: expected}
+
+
+# -- the frame rate the output declares ------------------------------------------------------------
+
+
+def decoded_rate(units: list[bytes]) -> tuple[Fraction | None, int]:
+    """The frame rate FFmpeg's decoder takes from the stream's SPS, and the frames it decodes."""
+    context = av.CodecContext.create("h264", "r")
+    frames = 0
+    for data in units:
+        frames += len(context.decode(av.Packet(data)))
+    frames += len(context.decode(None))
+    return context.framerate, frames
+
+
+@pytest.mark.parametrize("rate", [Fraction(60), Fraction(30000, 1001), Fraction(25)])
+@pytest.mark.parametrize("options", [BASELINE, HIGH, B_FRAMES], ids=["baseline", "high", "b_frames"])
+def test_every_sps_is_made_to_declare_the_rate(rate: Fraction, options: dict[str, str]) -> None:
+    units = encode(frames=12, gop=4, **options)
+    assert declared_frame_rate(units[0].data) == 30  # what x264 was told
+    retimed = [with_frame_rate(unit.data, rate) for unit in units]
+    for before, after in zip(units, retimed, strict=True):
+        if NAL_SPS in {kind for kind, _ in nal_units(before.data)}:
+            sps, again = parse_sps(sps_of(before)), parse_sps(sps_of(Unit(after, None, None, True)))
+            assert again.frame_rate == rate == declared_frame_rate(after)
+            assert again == type(sps)(**{**sps.__dict__, "frame_rate": rate})  # nothing else changed
+        else:
+            assert after is before.data  # nothing to change: the same bytes, not a copy
+    assert decoded_rate(retimed) == (rate, 12)  # and the stream still decodes, every picture
+
+
+def test_a_rate_already_declared_leaves_the_unit_as_it_is() -> None:
+    unit = encode(**HIGH)[0]
+    assert with_frame_rate(unit.data, Fraction(30)) is unit.data
+
+
+def rbsp_bits(nal: bytes) -> str:
+    return bin(int.from_bytes(b"\x01" + nal[1:].replace(b"\x00\x00\x03", b"\x00\x00"), "big"))[3:]
+
+
+def nal_of_bits(header: bytes, bits: str) -> bytes:
+    """An SPS NAL of RBSP `bits` (stop bit and alignment added; no 00 00 0x in these, unescaped)."""
+    bits = bits + "1"
+    bits += "0" * (-len(bits) % 8)
+    return header + int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+@pytest.mark.parametrize("cut", ["timing", "vui"])
+def test_an_sps_without_timing_info_or_without_vui_gets_them(cut: str) -> None:
+    units = encode(**BASELINE)
+    real = sps_of(units[0])
+    sps, bits = parse_sps(real), rbsp_bits(real).rstrip("0")[:-1]
+    assert sps.timing_at is not None
+    if cut == "timing":  # timing_info_present_flag 0, its 65 bits gone
+        bits = bits[: sps.timing_at] + "0" + bits[sps.timing_at + 66 :]
+    else:  # vui_parameters_present_flag 0, the whole VUI gone
+        bits = bits[: sps.vui_at] + "0"
+    bare = nal_of_bits(real[:1], bits)
+    assert parse_sps(bare).frame_rate is None
+    assert (parse_sps(bare).timing_at is None) == (cut == "vui")
+    retimed = with_frame_rate(annex_b([bare]), Fraction(24))[4:]
+    assert parse_sps(retimed).frame_rate == 24
+    assert parse_sps(retimed).width == sps.width
+    stream = [unit.data.replace(real, bare) for unit in units]
+    assert decoded_rate(stream)[0] != 24
+    stream = [unit.data.replace(real, retimed) for unit in units]
+    assert decoded_rate(stream) == (Fraction(24), len(units))

@@ -6,7 +6,7 @@ import av
 import numpy as np
 
 from relay_server.media.h264 import is_idr
-from relay_server.media.lastpicture import LastPicture, decode_last
+from relay_server.media.lastpicture import LastPicture
 from tests.media.clips import pattern, read_index
 
 
@@ -31,9 +31,8 @@ def test_the_last_picture_is_decoded_from_the_last_gop() -> None:
     pictures = LastPicture()
     for unit in units:
         pictures.add(unit, is_idr(unit))
-    kept = pictures.units()
-    assert len(kept) == 5 and is_idr(kept[0])  # frames 20..24: the GOP that began at 20
-    picture = decode_last(kept)
+    assert pictures.kept == 5  # frames 20..24: the GOP that began at 20
+    picture = pictures.picture()
     assert picture is not None and read_index(picture) == 24
     # The same pixels a decoder of the whole stream ends with.
     whole = av.CodecContext.create("h264", "r")
@@ -41,17 +40,30 @@ def test_the_last_picture_is_decoded_from_the_last_gop() -> None:
     assert np.array_equal(picture.to_ndarray(), last.to_ndarray())
 
 
+def test_each_unit_is_decoded_once_as_pictures_are_asked_for() -> None:
+    """The output decodes returned units one by one while it waits for a keyframe: each call
+    goes through the units added since the last, not the whole GOP again."""
+    units = encoded(30, gop=30)
+    pictures = LastPicture()
+    decoded = []
+    for unit in units:
+        pictures.add(unit, is_idr(unit))
+        picture = pictures.picture()
+        assert picture is not None
+        decoded.append(read_index(picture))
+    assert decoded == list(range(30))
+    gop = pictures._gop
+    assert gop is not None and gop.fed == len(gop.units) == 30
+
+
 def test_nothing_is_kept_before_a_keyframe_or_past_the_limit() -> None:
     units = encoded(30, gop=30)
     pictures = LastPicture(max_units=8)
     for unit in units[1:5]:  # no keyframe yet
         pictures.add(unit, is_idr(unit))
-    assert pictures.units() == []
+    assert pictures.kept == 0 and pictures.picture() is None
     for unit in units:
         pictures.add(unit, is_idr(unit))
-    assert pictures.units() == []  # a 30-frame GOP is longer than 8 units: let go
-    assert decode_last([]) is None
+    assert pictures.kept == 0  # a 30-frame GOP is longer than 8 units: let go
     pictures.add(units[0], True)
-    assert len(pictures.units()) == 1
-    pictures.clear()
-    assert pictures.units() == []
+    assert pictures.kept == 1

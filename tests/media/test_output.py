@@ -161,7 +161,7 @@ async def test_segment_streams_while_it_is_encoded(trickle_server: TrickleServer
     assert_nothing_left()
 
 
-async def test_latest_wins_encodes_the_newest_frame(trickle_server: TrickleServer) -> None:
+async def test_live_lets_the_oldest_frames_go_when_far_behind(trickle_server: TrickleServer) -> None:
     url = trickle_server.channel_url("latest")
     pattern = PatternFrames(WIDTH, HEIGHT)
     reader = asyncio.create_task(read_segments(url, count=1))
@@ -184,18 +184,18 @@ async def test_latest_wins_encodes_the_newest_frame(trickle_server: TrickleServe
 async def test_inbox_policies() -> None:
     loop = asyncio.get_running_loop()
     frames = [PatternFrames(16, 16).frame(i) for i in range(3)]
-    latest = _Inbox(loop, Policy.LATEST, queue_frames=4, queue_audio=2, on_skip=lambda _: None)
-    await latest.put_frame(frames[0], 0)
-    await latest.put_frame(frames[1], 1)  # replaces the waiting one
+    live = _Inbox(loop, Policy.LIVE, queue_frames=2, queue_audio=2, on_skip=lambda _: None)
     for pts in range(3):
-        await latest.put_audio(av.Packet(b"a"), pts)  # the third lets the oldest go
-    work = latest.take()
+        await live.put_frame(frames[pts], pts)  # in order; the third lets the oldest go
+        await live.put_audio(av.Packet(b"a"), pts)  # so does the audio
+    work = live.take()
     assert work is not None
     audio, frame = work
     assert [pts for _, pts in audio] == [1, 2]
     assert frame == (frames[1], 1)
-    assert (latest.frames.received, latest.frames.dropped, latest.frames.waited) == (2, 1, 0)
-    assert (latest.audio.received, latest.audio.dropped, latest.audio.waited) == (3, 1, 0)
+    assert [pts for _, pts in live.video_lane.items] == [2]
+    assert (live.frames.received, live.frames.dropped, live.frames.waited) == (3, 1, 0)
+    assert (live.audio.received, live.audio.dropped, live.audio.waited) == (3, 1, 0)
 
     block = _Inbox(loop, Policy.BLOCK, queue_frames=2, queue_audio=2, on_skip=lambda _: None)
     for pts in range(2):
@@ -325,8 +325,6 @@ async def test_audio_stream_can_join_after_start_until_the_first_submit(
         pipeline.start()
         pipeline.add_audio_stream(info)  # a live input's audio parameters come with its first packet
         await pipeline.submit_audio(*packets[0])
-        with pytest.raises(RuntimeError, match="before the first frame or audio packet"):
-            pipeline.add_audio_stream(info)
         await pipeline.submit(PatternFrames(WIDTH, HEIGHT).frame(0), packets[0][1])
         for packet, pts in packets[1:]:
             await pipeline.submit_audio(packet, pts)
@@ -334,6 +332,35 @@ async def test_audio_stream_can_join_after_start_until_the_first_submit(
         (segment,) = await reader
     assert decode(segment).audio_streams == 1
     assert len(decode(segment).audio_pts) == len(packets)
+    assert_nothing_left()
+
+
+async def test_audio_that_comes_after_the_video_began_joins_at_once(trickle_server: TrickleServer) -> None:
+    """The output does not wait for a live input's audio: when its stream becomes known, a
+    keyframe is asked for, and the segment it begins carries the audio."""
+    url = trickle_server.channel_url("later-audio")
+    info, packets = audio_source("aac", seconds=1.0)
+    reader = asyncio.create_task(read_segments(url, count=2))
+    frames = PatternFrames(WIDTH, HEIGHT)
+    async with Publisher(url) as publisher:
+        pipeline = OutputPipeline(
+            publisher, VideoEncoder(WIDTH, HEIGHT, gop=10.0), policy=Policy.BLOCK, queue_frames=1
+        )
+        pipeline.start()
+        for index in range(3):
+            await pipeline.submit(frames.frame(index), index * STEP)
+        # With one frame queued at most, the encode thread has taken frame 1: frame 0 is muxed.
+        assert pipeline.segmenter.stats.segments == 1
+        pipeline.add_audio_stream(info)
+        for index in range(3, 30):
+            await pipeline.submit(frames.frame(index), index * STEP)
+            while packets and packets[0][1] < index * STEP:
+                await pipeline.submit_audio(*packets.pop(0))
+        await pipeline.stop()
+        first, second = await reader
+    # The gop is 10 s: the second segment began because the audio joined.
+    assert (decode(first).audio_streams, decode(second).audio_streams) == (0, 1)
+    assert decode(second).audio_pts and pipeline.encoder.stats.keyframes == 2
     assert_nothing_left()
 
 
@@ -533,7 +560,7 @@ async def test_a_keyframe_is_requested_when_a_packet_segment_runs_past_the_gop(
 async def test_inbox_queues_packets_and_skips_to_a_keyframe_when_full() -> None:
     loop = asyncio.get_running_loop()
     skips = asyncio.Event()
-    latest = _Inbox(loop, Policy.LATEST, queue_frames=4, queue_audio=2, on_skip=lambda _: skips.set())
+    latest = _Inbox(loop, Policy.LIVE, queue_frames=4, queue_audio=2, on_skip=lambda _: skips.set())
 
     def unit(name: str) -> av.Packet:
         packet = av.Packet(name.encode())
@@ -556,15 +583,15 @@ async def test_inbox_queues_packets_and_skips_to_a_keyframe_when_full() -> None:
     for pts, name in [(6, "K6"), (7, "P7")]:
         await latest.put_packet(unit(name), pts)
     await latest.put_frame(PatternFrames(16, 16).frame(0), 8)
-    await latest.put_frame(PatternFrames(16, 16).frame(1), 9)  # a frame still replaces a frame
-    assert queued() == ["K0", "K6", "P7", "F9"]
-    await latest.put_packet(unit("P10"), 10)
-    assert queued() == ["K0", "K6", "F9"]
+    await latest.put_frame(PatternFrames(16, 16).frame(1), 9)  # full again: P7 goes
+    assert queued() == ["K0", "K6", "F8", "F9"]
+    await latest.put_packet(unit("P10"), 10)  # keyframes and frames only: the oldest goes, and P10
+    assert queued() == ["K6", "F8", "F9"]
     await latest.put_packet(unit("K11"), 11)
-    await latest.put_packet(unit("K12"), 12)  # keyframes and a frame only: the oldest goes
-    assert queued() == ["K6", "F9", "K11", "K12"]
-    assert (latest.packets.received, latest.packets.dropped, latest.packets.waited) == (11, 8, 0)
-    assert (latest.frames.received, latest.frames.dropped) == (2, 1)
+    await latest.put_packet(unit("K12"), 12)  # full: the oldest goes
+    assert queued() == ["F8", "F9", "K11", "K12"]
+    assert (latest.packets.received, latest.packets.dropped, latest.packets.waited) == (11, 9, 0)
+    assert (latest.frames.received, latest.frames.dropped) == (2, 0)
 
     block = _Inbox(loop, Policy.BLOCK, queue_frames=2, queue_audio=2, on_skip=lambda _: None)
     await block.put_packet(unit("K0"), 0)
@@ -598,7 +625,7 @@ async def test_live_overflow_drops_packets_up_to_a_keyframe_and_the_output_decod
         on_keyframe_overdue=lambda: requests.append(None),
     )
     pipeline.start()
-    for index, unit in enumerate(units):  # Policy.LATEST: never waits
+    for index, unit in enumerate(units):  # Policy.LIVE: never waits
         await pipeline.submit_packet(unit, index * STEP)
     publisher.gate.set()
     await pipeline.stop()

@@ -271,13 +271,31 @@ def test_audio_timestamps_stay_monotonic() -> None:
 
 
 def test_audio_stream_comes_first() -> None:
-    info, audio = audio_source("aac", seconds=1.0)
+    _, audio = audio_source("aac", seconds=1.0)
     segmenter = Segmenter(RecordingSink(), WIDTH, HEIGHT)
     with pytest.raises(RuntimeError, match="add_audio_stream"):
         segmenter.mux_audio(*audio[0])
-    segmenter.mux_video(_reencode([0])[0])
-    with pytest.raises(RuntimeError, match="before the first segment"):
-        segmenter.add_audio_stream(info)
+
+
+def test_an_audio_stream_added_late_joins_at_the_next_segment() -> None:
+    """A live input's audio may come after its video began: the segment in progress goes on
+    without it, the next one carries it; the audio in between is dropped, counted."""
+    info, audio = audio_source("aac", seconds=2.0)
+    sink = RecordingSink()
+    segmenter = Segmenter(sink, WIDTH, HEIGHT)
+    video = _reencode(timeline("30fps", seconds=2.0))  # an IDR every second
+    segmenter.mux_video(video[0])
+    segmenter.add_audio_stream(info)
+    for packet in video[1:]:
+        while audio and audio[0][1] < packet.dts:
+            segmenter.mux_audio(*audio.pop(0))
+        segmenter.mux_video(packet)
+    segmenter.close()
+    first, second = (decode(data) for data in sink.ended())
+    assert (first.audio_streams, second.audio_streams) == (0, 1)
+    assert second.audio_pts and second.audio_pts[0] >= video[30].pts
+    assert segmenter.stats.audio_dropped > 0
+    assert segmenter.stats.audio_packets == len(second.audio_pts)
 
 
 def test_abort_stops_output_without_ending_the_segment() -> None:

@@ -158,3 +158,48 @@ def test_a_frame_nobody_stamped_arrived_when_it_was_handed_over() -> None:
     placed = timeline.decide(BASE, ready=T0, now=T0 + 0.01)
     assert placed.decision is Decision.SEND and placed.due == pytest.approx(T0)
     assert timeline.stats.epochs == 1 and RESYNC > 0
+
+
+def test_an_input_read_from_its_start_has_no_backlog_to_skip() -> None:
+    """Its channel appeared after the session began: what came before the first read is the
+    wait for it, sent (late) rather than skipped."""
+    timeline = SessionTimeline(origin=T0)
+    timeline.input_started(from_start=True)
+    for index in range(10):  # the first 0.3 s came in one read
+        timeline.arrived(BASE + index * FRAME, T0 + 0.3)
+    assert not timeline.backlog(BASE)
+    first = timeline.decide(BASE, ready=T0 + 0.31, now=T0 + 0.31)
+    assert first.decision is Decision.SEND and first.due < T0 + 0.31  # late: at once
+    # A later discontinuity is a join again: its backlog is skipped.
+    for index in range(30):
+        timeline.arrived(index * FRAME, T0 + 10)
+    assert timeline.decide(0, T0 + 10, T0 + 10).decision is Decision.JOIN_SKIPPED
+
+
+def test_audio_goes_with_the_video_of_its_own_epoch() -> None:
+    """After a stall whose timestamps go on where they stopped, audio written late (before the
+    stall, in media time) keeps the old mapping, and audio of media times after it, even if it
+    came before the stall, takes the new one; after a restart whose timestamps begin again,
+    late audio of the old run keeps its mapping too."""
+    timeline = SessionTimeline(origin=T0)
+    live(timeline, range(90))  # 3 s
+    first = timeline.decide(BASE, T0, T0)
+    timeline.start_output(first.session, T0)
+    before = timeline.audio_pts(BASE + 88 * FRAME)
+    # Audio come ahead of the video (written before the stall): it waits for its video.
+    assert timeline.audio_pts(BASE + 91 * FRAME) is None
+    live(timeline, range(90, 120), start=T0 + 8)  # 8 s stall
+    assert timeline.stats.epochs == 2
+    # Audio written late, after the stall, goes before the stall where its media time is.
+    assert timeline.audio_pts(BASE + 88 * FRAME) == before
+    after = timeline.audio_pts(BASE + 91 * FRAME)
+    assert after is not None and before is not None
+    # A packet that begins before the stall's first frame and ends after it (muxers put several
+    # audio frames in one) goes with the frame its sound reaches: the new run's.
+    straddling = timeline.audio_pts(BASE + 89 * FRAME, 3 * FRAME)
+    assert straddling == after - 2 * FRAME
+    assert after - before == pytest.approx(3 * FRAME + 8 * TICKS, abs=2)  # where the wall clock got to
+    live(timeline, range(10), start=T0 + 20, base=0)  # a publisher restarting its clock at 0
+    assert timeline.audio_pts(BASE + 119 * FRAME) == after + 28 * FRAME  # the run before's
+    restarted = timeline.audio_pts(5 * FRAME)
+    assert restarted is not None and restarted > after

@@ -605,3 +605,29 @@ async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
     update = pb.UpdateSessionRequest(session_id="bad-prompt", prompts=[struct(INVERT)])
     code, message = grpc.StatusCode.FAILED_PRECONDITION, "session 'bad-prompt' has ended"
     assert await rpc_error(relay.stub.UpdateSession(update), code, message) == []
+
+
+async def test_a_session_started_before_its_input_waits_for_it_saying_so(
+    trickle_server: TrickleServer,
+    processor: ProcessorServer,
+    relay: Relay,
+    make_watcher: MakeWatcher,
+) -> None:
+    """How Livepeer starts a job: the session first, the stream second. The processor is not
+    connected before there is a frame for it (it would starve into its watchdog)."""
+    source = LiveSource(trickle_server.channel_url("later"))  # no such channel yet
+    request = start_request("early", source.url, processor.url)
+    await relay.stub.StartSession(request)
+    watcher = make_watcher(relay.stub, "early")
+    waiting = await watcher.until(lambda s: s.reason == "waiting for input")
+    assert watcher.sessions[waiting].state == pb.SESSION_STATE_STARTING
+    assert processor.peers == []
+    await source.start()
+    try:
+        running = await watcher.until(lambda s: s.state == pb.SESSION_STATE_RUNNING)
+        assert running > waiting
+        reasons = [s.reason for s in watcher.sessions[waiting:running]]
+        assert "connecting to the processor" in reasons
+    finally:
+        await relay.stub.StopSession(pb.StopSessionRequest(session_id="early"))
+        await source.stop()

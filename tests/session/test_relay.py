@@ -277,3 +277,27 @@ async def test_catch_up_without_pacing_sends_every_frame_of_a_burst(
     # (but the last, which the processor's jitter buffer may keep).
     assert stats.frames_decoded == 90 and stats.drops["input_overflow"] == stats.drops["output_replaced"] == 0
     assert indices == list(range(len(indices))) and len(indices) >= 89
+
+
+async def test_a_failing_helper_task_ends_the_run_with_its_error(trickle_server: TrickleServer) -> None:
+    """The fill and audio tasks run until the relay stops them: one that raises is no error only
+    logged, it ends the run and is what run() raises."""
+    source = Publisher(trickle_server.channel_url("in"))
+    await source.create_channel()
+    publishing = asyncio.create_task(publish_pattern(source, 1280, 720))
+    try:
+        async with ProcessorServer() as processor:
+            output = trickle_server.channel_url("out")
+            relay = Relay(source.url, output, processor.url, width=SIZE, height=SIZE)
+
+            async def broken() -> None:
+                raise RuntimeError("the audio task broke")
+
+            relay._audio.run = broken  # type: ignore[method-assign]
+            with pytest.raises(RuntimeError, match="the audio task broke"):
+                await asyncio.wait_for(relay.run(), 20)
+    finally:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await source.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
