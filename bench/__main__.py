@@ -13,6 +13,7 @@ BENCHMARKS = [
     "webrtc",
     "startup",
     "e2e",
+    "scenarios",
     "capacity",
     "catchup",
     "memory",

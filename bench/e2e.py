@@ -8,13 +8,18 @@ own) to an output channel, where a reader decodes every frame, reads its index a
 its last byte arrived. The source, the reader and the trickle server run in a child process
 (bench.livesource), so this process's CPU is the relay's (and its idle gRPC server's).
 
-Per session, after the first returned frame and a warm-up, a window of `seconds`:
+Per session:
 - latency: output receive time − input publish time of the same index, for every frame published
-  in the window (its first appearance in the output); lost = published in the window and never
-  seen (the output is read until the session ends, a second after the window); repeated = output
-  frames showing an index already seen (the relay's fill repeats, the processor's re-sends);
-- CPU: time.process_time of this process over the window ÷ frames returned by the processor,
-  and per thread (/proc/self/task/<tid>/schedstat, ns), grouped by the stage the thread serves.
+  from StartSession to the end of the window (its first appearance in the output): start-up
+  included; lost = published then and never seen (the output is read until the session ends, a
+  second after the window); repeated = output frames showing an index already seen (the relay's
+  fill repeats, the processor's re-sends);
+- CPU, a steady rate: over a window of `seconds` after the first returned frame and a warm-up,
+  time.process_time of this process ÷ frames returned by the processor, and per thread
+  (/proc/self/task/<tid>/schedstat, ns), grouped by the stage the thread serves.
+
+Whole-session scenarios (a session started before its input, one joining mid-segment, ffmpeg-CLI
+inputs with B-frames and audio, bursts) are bench.scenarios, run after this one.
 
 Baselines in the same run, interleaved with the sessions:
 - raw codec work: the codec calls the relay cannot avoid, in a tight loop on this process's
@@ -432,6 +437,7 @@ class Bench:
         # holds each frame after its last byte arrived.
         await self.source.request("read", name="input", channel="input", create=False, start_seq=-2)
         stub = self.stubs[variant]
+        session_started = time.monotonic()
         await stub.StartSession(
             pb.StartSessionRequest(
                 session_id=session_id,
@@ -459,11 +465,12 @@ class Bench:
             await stub.StopSession(pb.StopSessionRequest(session_id=session_id))
         received = await self.source.request("collect", name=session_id, within=3.0)
         inputs = await self.source.request("collect", name="input", within=0.0)
-        published = await self.source.request("published", start=start.wall, end=end.wall)
+        # Loss and latency over the whole session: from StartSession, start-up included.
+        published = await self.source.request("published", start=session_started, end=end.wall)
         joined = join(
             published["published"],
             [(index, at) for index, at, _ in received["received"]],
-            start.wall,
+            session_started,
             end.wall,
         )
         result = _figures(start, end, sampler, joined)

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import pytest
 
+from bench.liveinput import FFMPEG, Figures, InputSpec, LiveInput, Probe, make_input
 from relay_server.backoff import Backoff
 from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.paths import VideoMode
@@ -27,7 +28,6 @@ from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
 from relay_server.webrtc import LinkSettings
 from relay_server.webrtc.sendtrack import MAX_IN_FLIGHT
-from tests.session.live import FFMPEG, Figures, InputSpec, LiveInput, Probe, make_input
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="the ffmpeg CLI is not installed")
 

@@ -1,4 +1,5 @@
-"""Live inputs as people make them, and a relay's output judged the way its readers judge it.
+"""Live inputs as people make them, and a relay's output judged the way its readers judge it
+(the tests in tests/session/test_live_inputs.py and the scenarios benchmark use it).
 
 - make_input(spec, directory): an MPEG-TS file made by the ffmpeg CLI (libx264 with its B-frames
   and GOP, AAC or Opus, any rate, variable frame rate), each frame showing its index in its pixels
