@@ -715,11 +715,13 @@ Targets at 512×512 30 fps (issue):
 - added latency p99 ≤ {TARGET_P99_MS:g} ms: {_verdict(relay["p99 ms"], TARGET_P99_MS, "ms")}
 """
     notes = f"""
-Medians of {results["repeats"]} interleaved repeats (raw, relay, stock per repeat) of {results["seconds"]} s
-windows after a {WARMUP:g} s warm-up; {results["total seconds"]:g} s in all, on {os.cpu_count()} CPUs shared
-with whatever else runs on the box. Source: {results["source"]}, GOP {GOP:g} s; sessions through the gRPC
-API, letterboxed to the size, processor passthrough in its own process. Codec threads:
-{results["codec threads"]} (TRICKLE_WORKERS) in the relay and in the raw loop alike.
+Medians of {results["repeats"]} interleaved repeats (raw, relay, stock per repeat). CPU over
+{results["seconds"]} s windows after a {WARMUP:g} s warm-up; loss and latency over the whole session,
+from StartSession to the end of that window. {results["total seconds"]:g} s in all, on
+{os.cpu_count()} CPUs shared with whatever else runs on the box. Source: {results["source"]},
+GOP {GOP:g} s; sessions through the gRPC API, letterboxed to the size, processor passthrough in
+its own process. Codec threads: {results["codec threads"]} (TRICKLE_WORKERS) in the relay and in
+the raw loop alike.
 
 - CPU ms/frame: this process's CPU (time.process_time: the relay's threads, x264's and libavcodec's
   included, and its idle gRPC server) over the window ÷ frames returned by the processor. The live
@@ -733,9 +735,10 @@ API, letterboxed to the size, processor passthrough in its own process. Codec th
   frame's last bytes were handed to the source's SegmentWriter.write. Receive: when the chunk holding
   the frame's last TS packet arrived at the output reader (not when it decoded: the demuxer's parser
   releases a frame only once the next begins). Both on loopback through the same trickle server, so
-  they include the relay's trickle GET and POST legs but hardly any network. Lost: published in the
-  window, never seen; repeated: output frames showing an index already seen (the output's fill while
-  nothing comes back, processor re-sends); unreadable: output frames whose code failed its check.
+  they include the relay's trickle GET and POST legs but hardly any network. Lost: published from
+  StartSession to the window's end, never seen; repeated: output frames showing an index already
+  seen (the output's fill while nothing comes back, processor re-sends); unreadable: output
+  frames whose code failed its check.
 - round trip p50: the link's own send → return (WebRTC leg and processor) at the end of the window.
 {targets}
 Where the latency goes (medians; p50s do not add up exactly). The input Decoder's hold: a Decoder

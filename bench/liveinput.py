@@ -231,6 +231,7 @@ class Marker:
 class Figures:
     indices: list[int]  # output frames' indices, in output order (-1: unreadable)
     pts: list[int]  # output video pts, in output order
+    sizes: list[tuple[int, int]]  # output frames' width and height, in output order
     dts_increasing: bool
     arrivals: list[float]  # when each output frame's bytes arrived
     ffmpeg_errors: str
@@ -280,16 +281,18 @@ class Probe:
         with av.open(io.BytesIO(data), format="mpegts") as container:
             dts = [p.dts for p in container.demux(video=0) if p.size and p.dts is not None]
         lumas: list[float] = []
-        indices, pts = [], []
+        indices, pts, sizes = [], [], []
         with av.open(io.BytesIO(data), format="mpegts") as container:
             for frame in container.decode(video=0):
                 index = self.code.read(frame, ScaleMode.LETTERBOX)
                 indices.append(-1 if index is None else index)
                 pts.append(frame.pts)
+                sizes.append((frame.width, frame.height))
                 lumas.append(float(np.frombuffer(memoryview(frame.planes[0]), np.uint8).mean()))
         figures = Figures(
             indices=indices,
             pts=pts,
+            sizes=sizes,
             dts_increasing=all(b > a for a, b in itertools.pairwise(dts)),
             arrivals=[self._arrivals.get(p, float("nan")) for p in pts],
             ffmpeg_errors=ffmpeg_errors(data),

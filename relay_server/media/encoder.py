@@ -12,8 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 import av
+from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType
 
 from relay_server import settings
@@ -76,9 +78,14 @@ class VideoEncoder:
         self._next_idr: int | None = None  # first pts that gets an IDR; None: the next frame
         self._last_pts: int | None = None
         self._closed = False
+        self._settings = (preset, bitrate, fps, threads, profile)
+        self._codec = self._open()
 
-        codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+    def _open(self) -> VideoCodecContext:
+        """x264 at the encoder's size, opened."""
+        preset, bitrate, fps, threads, profile = self._settings
+        codec = cast(VideoCodecContext, av.CodecContext.create("libx264", "w"))
+        codec.width, codec.height, codec.pix_fmt = self.width, self.height, "yuv420p"
         codec.time_base = CLOCK
         # Only a hint for rate control (x264 takes frame durations from the timestamps, which
         # are what they are); without it x264 would assume 90000 frames per second.
@@ -102,12 +109,21 @@ class VideoEncoder:
         if profile is not None:
             codec.profile = profile  # e.g. "baseline": what WebRTC peers are sure to decode
         codec.open()
-        self._codec = codec
+        return codec
 
     @property
     def last_pts(self) -> int | None:
         """Timestamp of the last frame encoded (after any fix-up)."""
         return self._last_pts
+
+    def resize(self, width: int, height: int) -> list[av.Packet]:
+        """Encode width×height frames from now on: the encoder is drained (its last packets
+        returned) and opened again at the new size; the next frame is an IDR."""
+        packets = self._run(None)
+        self.width, self.height = width, height
+        self._codec = self._open()
+        self._next_idr = None
+        return packets
 
     def request_keyframe(self) -> None:
         """Make the next frame an IDR (a receiver lost the picture). Any thread: at worst the

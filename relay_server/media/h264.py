@@ -314,15 +314,22 @@ def _vui(bits: _Bits) -> _Vui:
     return _Vui(reorder, frame_rate, timing_at)
 
 
-def declared_frame_rate(access_unit: bytes) -> Fraction | None:
-    """The frame rate the access unit's SPS declares, if it has an SPS with VUI timing info."""
+def sps_in(access_unit: bytes) -> Sps | None:
+    """The access unit's SPS, if it has one that parses (it comes before the first slice: the
+    scan stops there)."""
     for kind, start, end in _scan(access_unit, whole=False):
         if kind == NAL_SPS:
             try:
-                return parse_sps(access_unit[start:end]).frame_rate
+                return parse_sps(access_unit[start:end])
             except ValueError:
                 return None
     return None
+
+
+def declared_frame_rate(access_unit: bytes) -> Fraction | None:
+    """The frame rate the access unit's SPS declares, if it has an SPS with VUI timing info."""
+    sps = sps_in(access_unit)
+    return sps.frame_rate if sps is not None else None
 
 
 def with_frame_rate(access_unit: bytes, rate: Fraction) -> bytes:

@@ -107,11 +107,14 @@ class FrameQueue:
                 if self._released:
                     return
             buffer = self._free.pop() if self._free else None
-        if (frame.format.name, frame.width, frame.height) != ("yuv420p", self.width, self.height):
-            frame = frame.reformat(self.width, self.height, "yuv420p")
+        width, height = self.width, self.height
+        if buffer is not None and (buffer.width, buffer.height) != (width, height):
+            buffer = None  # taken as the size changed
+        if (frame.format.name, frame.width, frame.height) != ("yuv420p", width, height):
+            frame = frame.reformat(width, height, "yuv420p")
             self.reformatted += 1
         if buffer is None:
-            buffer = av.VideoFrame(self.width, self.height, "yuv420p")
+            buffer = av.VideoFrame(width, height, "yuv420p")
         copy_frame(frame, buffer)
         with self._cond:
             self.put_count += 1
@@ -121,6 +124,12 @@ class FrameQueue:
                 self.dropped += 1
             self._frames.append((buffer, ready))
         self._wake()
+
+    def resize(self, width: int, height: int) -> None:
+        """Frames are width×height from now on (any thread); those queued go as they are."""
+        with self._cond:
+            self.width, self.height = width, height
+            self._free.clear()  # buffers of the old size
 
     async def first(self) -> None:
         """Wait until the first frame or unit has been put, or the input has ended."""

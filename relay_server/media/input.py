@@ -65,10 +65,11 @@ class MediaInput:
         self.feed_stats = FeedStats()  # written by the feed task, on the loop
         self._source = source
         self._queue = ChunkQueue(buffer_size or settings.buffer_size())
+        self._scaler = Scaler(width, height, mode)
         self._decoder = Decoder(
             self._queue,
             on_frame,
-            scaler=Scaler(width, height, mode),
+            scaler=self._scaler,
             on_audio=on_audio,  # None: the demuxer leaves audio alone altogether
             on_audio_stream=on_audio_stream,
             on_video_packet=on_video_packet,
@@ -107,6 +108,10 @@ class MediaInput:
     def buffered(self) -> tuple[int, int]:
         """Bytes read from the network and not yet demuxed, and the most that may wait."""
         return self._queue.size, self._queue.capacity
+
+    def resize(self, width: int, height: int) -> None:
+        """Scale the frames to width×height from the next one decoded (any thread)."""
+        self._scaler.resize(width, height)
 
     @property
     def declared_rate(self) -> Fraction | None:

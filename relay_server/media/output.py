@@ -479,6 +479,7 @@ class _Splicer:
 
     def __init__(self, encoder: VideoEncoder, segmenter: Segmenter, overdue: Callable[[int], None]) -> None:
         self.gop = round(encoder.gop / CLOCK)  # on the 90 kHz clock
+        self.size = (encoder.width, encoder.height)  # what frames are encoded at (the session's)
         self.frames_late = 0
         self.packets_dropped = 0
         self._encoder = encoder
@@ -499,7 +500,10 @@ class _Splicer:
             self._encoder.request_keyframe()
         self._joined = False
         self._ask_at = None
-        for packet in self._encoder.encode(frame, pts90k):
+        packets = []
+        if self.size != (self._encoder.width, self._encoder.height):
+            packets = self._encoder.resize(*self.size)  # the session was resized
+        for packet in [*packets, *self._encoder.encode(frame, pts90k)]:
             self._segmenter.mux_video(packet)
         self._last_pts = self._encoder.last_pts
 
@@ -603,6 +607,11 @@ class OutputPipeline:
         """Frames and packets waiting for the encode thread now, and the most that may wait."""
         inbox = self._inbox
         return (len(inbox.video_lane.items) if inbox is not None else 0), self._queue_frames
+
+    def resize(self, width: int, height: int) -> None:
+        """Encode frames at width×height from the next one on (the session was resized; any
+        thread): a new IDR, and so a new segment, at the new size."""
+        self._splicer.size = (width, height)
 
     def add_audio_stream(self, info: AudioInfo) -> None:
         """Carry this audio stream into the output (ignored with drop_audio); on the event loop,

@@ -46,23 +46,31 @@ class Scaler:
     """
 
     def __init__(self, width: int = 0, height: int = 0, mode: ScaleMode = ScaleMode.LETTERBOX) -> None:
-        if width < 0 or height < 0 or (width == 0) != (height == 0):
-            raise ValueError(f"size must be positive or 0x0 (keep), got {width}x{height}")
-        if width % 2 or height % 2:
-            raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
-        self.width = width
-        self.height = height
+        self.size = _checked(width, height)  # one attribute: resize() may come from another thread
         self.mode = mode
         self.graphs_built = 0  # rebuilt when the input's size or format changes
         self._graph: Graph | None = None
-        self._graph_input: tuple[int, int, str, Fraction | None] | None = None
+        self._graph_input: tuple[int, int, str, Fraction | None, int, int] | None = None
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def resize(self, width: int, height: int) -> None:
+        """Scale to width×height from the next frame on (any thread)."""
+        self.size = _checked(width, height)
 
     def __call__(self, frame: av.VideoFrame) -> av.VideoFrame:
-        width, height = self.width or frame.width, self.height or frame.height
+        width, height = self.size
+        width, height = width or frame.width, height or frame.height
         if (frame.width, frame.height) == (width, height) and frame.format.name == OUTPUT_FORMAT:
             out = frame
         else:
-            key = (frame.width, frame.height, frame.format.name, frame.time_base)
+            key = (frame.width, frame.height, frame.format.name, frame.time_base, width, height)
             if self._graph is None or key != self._graph_input:
                 self._graph = self._build(frame, width, height)
                 self._graph_input = key
@@ -125,6 +133,14 @@ def _filter_chain(
         x, y = _even((width - fitted_width) / 2), _even((height - fitted_height) / 2)
         chain.append(("pad", f"{width}:{height}:{x}:{y}:black"))
     return chain
+
+
+def _checked(width: int, height: int) -> tuple[int, int]:
+    if width < 0 or height < 0 or (width == 0) != (height == 0):
+        raise ValueError(f"size must be positive or 0x0 (keep), got {width}x{height}")
+    if width % 2 or height % 2:
+        raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
+    return width, height
 
 
 def _even(value: float) -> int:

@@ -33,7 +33,7 @@ import av.container
 import av.stream
 
 from relay_server.media.encoder import CLOCK
-from relay_server.media.h264 import with_frame_rate
+from relay_server.media.h264 import sps_in, with_frame_rate
 
 # Audio packets waiting for the video to pass their timestamp. Audio arrives from the demuxer
 # ahead of the processed video; 256 packets is over 5 s of AAC or Opus. When video stalls for
@@ -149,8 +149,12 @@ class Segmenter:
         # segment it belongs to.
         self._release_audio(before=dts)
         if packet.is_keyframe:
+            data = bytes(packet)
+            sps = sps_in(data)
+            if sps is not None:  # the stream's size, for the segment's stream (it may change)
+                self.width, self.height = sps.width, sps.height
             if self.frame_rate is not None:
-                packet = _retimed(packet, self.frame_rate)
+                packet = _retimed(packet, data, self.frame_rate)
             self._end_segment()
             self._begin_segment()
         if self._open is None:
@@ -247,8 +251,7 @@ class Segmenter:
         self._sink.end(self._index)
 
 
-def _retimed(packet: av.Packet, rate: Fraction) -> av.Packet:
-    data = bytes(packet)
+def _retimed(packet: av.Packet, data: bytes, rate: Fraction) -> av.Packet:
     retimed = with_frame_rate(data, rate)
     if retimed is data:
         return packet

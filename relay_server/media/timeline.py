@@ -31,7 +31,8 @@ skipped to the live edge at once), unless the input is read from its start (inpu
 
 The output carries the input's timing: output_pts() is a session time plus one constant, set by
 the first returned frame so that the output clock starts where the relay's own did (at its
-arrival); the audio's input timestamps go through the same two steps (audio_pts()).
+arrival); the audio's input timestamps go through the same two steps (audio_pts(), by the epoch of
+the video at the audio's media time).
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
-CLOCK = Fraction(1, 90_000)  # MPEG-TS and output timestamps
-TICKS = 90_000  # per second
+TICKS = 90_000  # per second: MPEG-TS and output timestamps
 WRAP = 1 << 33  # MPEG-TS timestamps are 33 bits
 RESYNC = 1.0  # seconds of jump (or of lateness on arrival) that start a new epoch
 CREEP = 0.002  # seconds per second the offset rises by itself (clock drift up to 2000 ppm)
@@ -100,15 +100,18 @@ class SessionTimeline:
         self.origin = origin
         self.budget = budget
         self.stats = TimelineStats()
-        self._epoch: _Epoch | None = None
         self._first: _Epoch | None = None  # its offset is the session clock's
-        self._epochs: deque[_Epoch] = deque(maxlen=EPOCHS)  # the newest last
+        self._epochs: deque[_Epoch] = deque(maxlen=EPOCHS)  # the newest, in force, last
         self._last_arrival = 0.0
         self._arrivals: OrderedDict[int, _Arrival] = OrderedDict()  # by unwrapped media ticks
         self._delays: deque[float] = deque(maxlen=SMOOTHING_SAMPLES)
         self._smoothing = 0.0
         self._output: int | None = None  # output ticks minus session ticks, once the output began
         self._from_start = False  # the input is read from its start: its first epoch has no backlog
+
+    @property
+    def _epoch(self) -> _Epoch | None:
+        return self._epochs[-1] if self._epochs else None
 
     # -- the input ----------------------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class SessionTimeline:
         # clock time as in the first epoch.
         session = 0 if first is None else round((offset - first.offset) * TICKS) + first.session
         joining = first is not None or not self._from_start
-        epoch = self._epoch = _Epoch(offset, ticks, ticks, session, joining)
+        epoch = _Epoch(offset, ticks, ticks, session, joining)
         self._epochs.append(epoch)
         if first is None:
             self._first = epoch
@@ -201,16 +204,18 @@ class SessionTimeline:
 
     # -- the send leg -------------------------------------------------------------------------------
 
-    def decide(self, pts: int, ready: float, now: float) -> Placed:
+    def decide(self, pts: int, ready: float, now: float, ahead: float = 0.0) -> Placed:
         """What the sender does with the next frame in order (media time `pts`, 90 kHz; handed
-        over at clock time `ready`)."""
+        over at clock time `ready`), whose way to the output is expected to take `ahead` more
+        seconds (the frames at a slow processor before it): it is late if it would reach the
+        output more than the budget behind the live edge."""
         ticks, (at, epoch) = self._arrival(pts, ready)
         live_edge = ticks / TICKS + epoch.offset
         session = ticks + epoch.session
         if epoch.joining and at - live_edge > JOIN_TOLERANCE:
             self.stats.join_skipped += 1
             return Placed(Decision.JOIN_SKIPPED, now, session)
-        if now - live_edge > self.budget:
+        if now + ahead - live_edge > self.budget:
             self.stats.late += 1
             return Placed(Decision.LATE, now, session)
         epoch.joining = False

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.service.convert import to_config, to_dicts, to_session, to_structs
-from relay_server.session.config import ConfigError, FieldViolation, HostNotAllowed
+from relay_server.session.config import ConfigError, FieldViolation, HostNotAllowed, resize_problem
 from relay_server.session.manager import (
     LimitReached,
     NotAccepting,
@@ -30,6 +30,7 @@ from relay_server.session.manager import (
     SessionManager,
     SessionNotFound,
 )
+from relay_server.session.paths import VideoMode
 from relay_server.webrtc.control import ControlError, ControlRejected
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,14 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
                 await _abort(
                     context, grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id!r} has ended"
                 )
+            if request.width:
+                problem = resize_problem(session.config, request.width, request.height)
+                if session.config.mode is VideoMode.PASSTHROUGH:
+                    await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
+                if problem:
+                    await _abort(
+                        context, grpc.StatusCode.INVALID_ARGUMENT, problem, [FieldViolation("width", problem)]
+                    )
             replies = await self.manager.update(request.session_id, requests)
         except SessionNotFound as error:
             await _abort(context, grpc.StatusCode.NOT_FOUND, error.args[0])

@@ -136,6 +136,16 @@ def validate(config: SessionConfig) -> None:
         raise ConfigError(problems)
 
 
+def resize_problem(config: SessionConfig, width: object, height: object) -> str:
+    """Why the session cannot be resized to width×height ("" when it can)."""
+    if config.mode is VideoMode.PASSTHROUGH:
+        return "a passthrough session forwards the input at its own size: it cannot be resized"
+    for value in (width, height):
+        if not isinstance(value, int) or not 0 < value <= MAX_SIDE or value % 2:
+            return f"width and height must be even, 2..{MAX_SIDE}, got {width}x{height}"
+    return ""
+
+
 def check_hosts(config: SessionConfig, allowed_hosts: frozenset[str]) -> None:
     """Raise HostNotAllowed unless every URL's host is in `allowed_hosts` (empty: any host)."""
     if not allowed_hosts:

@@ -77,8 +77,15 @@ class InputRoute:
         self._backlog = backlog
         self._forwarding = False  # the qualifier's decision, or the refusal
         self._behind = False  # a backlog GOP qualifies but is decoded
+        self._resized: tuple[int, int] | None = None  # the session's new size, from a keyframe on
         self._await_keyframe = False  # decoding resumed mid-GOP: its references were forwarded
         self._refused: str | None = None  # forwarding is off for good, and why
+
+    def resize(self, width: int, height: int) -> None:
+        """The session's size is width×height (any thread): the input qualifies only at the
+        session's size, so forwarding is decided anew at the next keyframe, where decoding can
+        take over without losing a frame (units forwarded until then are the old size's)."""
+        self._resized = (width, height)
 
     def refuse(self, reason: str) -> None:
         """Forward nothing from now on (any thread): the processor does not take the input as
@@ -86,6 +93,10 @@ class InputRoute:
         self._refused = reason
 
     def __call__(self, packet: av.Packet) -> bool:
+        resized = self._resized
+        if resized is not None and (packet.is_keyframe or not self._forwarding):
+            self._resized = None
+            self._qualifier.width, self._qualifier.height = resized
         data = bytes(packet)
         verdict = self._qualifier.check(data, packet.pts, packet.dts)
         if self._refused is not None and (verdict is not None or self._forwarding):

@@ -346,6 +346,19 @@ class Relay:
         finally:
             await self._shut_down(source, link, linking, (filling, carrying))
 
+    def resize(self, width: int, height: int) -> None:
+        """The session's size is width×height from the next frame decoded: frames are scaled to
+        it, sent to the processor at it (the send leg's encoder follows), and output at it (a new
+        segment; a remuxed output is the processor's, which follows what it is sent). In auto,
+        forwarding is decided anew at the next keyframe. The timeline goes on."""
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"the session size must be positive and even, got {width}x{height}")
+        self._input.resize(width, height)
+        self._frames.resize(width, height)
+        if self._route is not None:
+            self._route.resize(width, height)
+        self._pipeline.resize(width, height)
+
     async def stop(self) -> None:
         """End the run now (the output is still flushed) and wait until it has cleaned up."""
         self._stopping.set()

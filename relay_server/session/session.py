@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from relay_server.session.config import SessionConfig
+from relay_server.session.config import SessionConfig, resize_problem
 from relay_server.session.control import relay_control
 from relay_server.session.messages import MessageChannel
 from relay_server.session.relay import Relay, RelayStats
@@ -162,11 +162,21 @@ class Session:
             current_session_id.reset(token)
 
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A request on the processor's control channel, and its reply (see ProcessorLink)."""
+        """A request on the processor's control channel, and its reply (see ProcessorLink). A new
+        resolution the processor accepted is the session's size from then on, end to end."""
         if self._relay is None:
             raise ControlError(f"session {self.config.session_id} has ended")
+        resize = request.get("type") == "update_resolution"
+        if resize:
+            problem = resize_problem(self.config, request.get("width"), request.get("height"))
+            if problem:
+                raise ControlError(problem)
         reply = await self._relay.link.control(request)
-        self._bump()  # prompts may have changed
+        if resize and self._relay is not None:
+            width, height = request["width"], request["height"]
+            self._relay.resize(width, height)
+            self.config = replace(self.config, width=width, height=height)
+        self._bump()  # prompts or the size may have changed
         return reply
 
     def snapshot(self) -> SessionSnapshot:

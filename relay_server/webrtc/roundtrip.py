@@ -31,6 +31,8 @@ MISSES_TO_RELEARN = 10
 EXPLAINED_TO_LEARN = 6
 # Latencies kept for the percentiles: the last 10 s at 30 fps.
 WINDOW = 300
+# Latencies a send decision expects the next round trip from: a third of a second at 30 fps.
+RECENT = 10
 
 
 class RoundTrip:
@@ -41,7 +43,7 @@ class RoundTrip:
         self.unmatched = 0
         self.first_sent: float | None = None  # monotonic time of the first frame sent
         self.latencies = latencies if latencies is not None else LatencyWindow()
-        self._sent: dict[int, tuple[float, int | None]] = {}  # pts → (sent at, media time)
+        self._sent: dict[int, tuple[float, int | None, bool]] = {}  # pts → (sent at, media, timed)
         self._order: deque[int] = deque()
         self._unreturned: deque[int] = deque()  # sent pts not yet matched or guessed, oldest first
         self._offset: int | None = None
@@ -49,8 +51,9 @@ class RoundTrip:
         self._explained = 0  # returns in a row the candidates explain
         self._misses = 0
 
-    def sent(self, pts: int, at: float, media: int | None = None) -> None:
-        """A frame made from the input frame at `media` went out with `pts` at monotonic time `at`."""
+    def sent(self, pts: int, at: float, media: int | None = None, timed: bool = True) -> None:
+        """A frame made from the input frame at `media` went out with `pts` at monotonic time
+        `at`; its round trip goes to the latencies unless not `timed`."""
         if self.first_sent is None:
             self.first_sent = at
         if len(self._order) == REMEMBERED:
@@ -59,7 +62,7 @@ class RoundTrip:
             self._unreturned.popleft()
         self._order.append(pts)
         self._unreturned.append(pts)
-        self._sent[pts] = (at, media)
+        self._sent[pts] = (at, media, timed)
 
     def returned(self, pts: int | None, at: float) -> int | None:
         """A frame came back with `pts` at monotonic time `at`: the media time of the input frame
@@ -70,8 +73,9 @@ class RoundTrip:
             self.unmatched += 1
             return self._guess()
         self.matched += 1
-        sent_at, media = self._sent[sent]
-        self.latencies.add(at - sent_at)
+        sent_at, media, timed = self._sent[sent]
+        if timed:
+            self.latencies.add(at - sent_at)
         unreturned = self._unreturned
         while unreturned and unreturned[0] <= sent:  # send pts only grow: up to the match, and
             unreturned.popleft()  # the older ones the processor let go
@@ -137,3 +141,9 @@ class LatencyWindow:
 
     def mean(self) -> float:
         return sum(self.values) / len(self.values) if self.values else math.nan
+
+    def recent(self, count: int = RECENT) -> float:
+        """The median of the last `count` latencies: what the next frame may expect (0 for none)."""
+        values = self.values
+        last = sorted(values[index] for index in range(max(0, len(values) - count), len(values)))
+        return last[len(last) // 2] if last else 0.0

@@ -20,7 +20,8 @@ link's encode thread; RTCP keyframe requests reach it through request_keyframe()
 
 At most `max_in_flight` frames are out at the processor at once (sent, not yet back): ComfyStream
 queues every input frame and a slow pipeline would fall ever further behind; held back, the
-frames wait in the hand-off, where the timeline lets those past the budget go.
+frames wait in the hand-off, where the timeline lets those past the budget go, counting the time a
+frame sent now would wait at the processor behind the others (the last few round trips).
 
 Zero-transcode: the hand-off may give the input's own encoded access units instead of decoded
 frames. They are paced the same way and go out as they are, but never one by one: a unit past
@@ -217,6 +218,11 @@ class SendTrack(MediaStreamTrack):
                     self.encoder.request_keyframe()
             if self.encoder is None:
                 return self._sent(pts, media, _stock(frame, pts))
+            if (frame.width, frame.height) != (self.encoder.width, self.encoder.height):
+                # The session was resized: the encoder follows (an IDR at the new size).
+                await self._encode_loop.run_in_executor(
+                    self._executor, self.encoder.resize, frame.width, frame.height
+                )
             packets = await self._encode_loop.run_in_executor(self._executor, self.encoder.encode, frame, pts)
             if packets:
                 packet = _one_packet(packets)
@@ -235,7 +241,9 @@ class SendTrack(MediaStreamTrack):
 
     def _sent(self, pts: int, media: int | None, data: _Sent) -> _Sent:
         sent = self._last_sent = time.monotonic()
-        self._roundtrip.sent(pts, sent, media)
+        # A repeat's round trip says nothing of the processor's: the one before it waits in the
+        # processor's jitter buffer until it comes, half a second later.
+        self._roundtrip.sent(pts, sent, media, timed=not self._repeating)
         self._in_flight.sent(sent)
         self.stats.frames += 1
         return data
@@ -265,7 +273,10 @@ class SendTrack(MediaStreamTrack):
                 return None
             placed = timeline.due(media, now)
         else:
-            placed = timeline.decide(media, taken.ready, now)
+            # A slow processor's queue counts against the budget too: behind frames still out
+            # there, this one will take about as long as the last few did.
+            ahead = self._roundtrip.latencies.recent() if len(self._in_flight) else 0.0
+            placed = timeline.decide(media, taken.ready, now, ahead)
             if placed.decision is not Decision.SEND:
                 return None
         due = placed.due

@@ -182,6 +182,17 @@ async def test_a_session_runs_is_steered_and_stops_through_the_api(
     got = await stub.GetSession(pb.GetSessionRequest(session_id="life"))
     assert [json_format.MessageToDict(p) for p in got.session.config.prompts] == [GRAYSCALE]
 
+    # A new resolution: the processor is told, and the session is that size end to end.
+    resized = await stub.UpdateSession(pb.UpdateSessionRequest(session_id="life", width=640, height=360))
+    assert [json_format.MessageToDict(r) for r in resized.replies] == [
+        {"type": "resolution_updated", "success": True}
+    ]
+    assert (resized.session.config.width, resized.session.config.height) == (640, 360)
+    frames = await output.next_matching(lambda frames: frames[0].width == 640, within=10)
+    assert {(f.width, f.height) for f in frames} == {(640, 360)}
+    # The processor kept its prompts (grey; 1280×720 fills 640×360: no letterbox bar now).
+    assert all(chroma_spread(f) < 2 for f in frames)
+
     # Stop: STOPPED at once, the output channel's end of stream, every watcher's stream ended.
     stopped = await stub.StopSession(pb.StopSessionRequest(session_id="life"))
     assert stopped.session.state == STOPPED
@@ -437,9 +448,21 @@ async def test_invalid_argument_for_a_bad_update_or_watch(
     nothing = "nothing to update: give prompts, width and height, or pause"
     got = await rpc_error(stub.UpdateSession(pb.UpdateSessionRequest(session_id="s")), code, nothing)
     assert got == [("prompts", "empty, and no other field set either")]
+    odd = pb.UpdateSessionRequest(session_id="s", width=641, height=360)
+    got = await rpc_error(
+        stub.UpdateSession(odd), code, "width and height must be even, 2..4096, got 641x360"
+    )
+    assert got == [("width", "width and height must be even, 2..4096, got 641x360")]
     half = pb.UpdateSessionRequest(session_id="s", width=640)
     got = await rpc_error(stub.UpdateSession(half), code, "width and height go together")
     assert got == [("height", "set both or neither")]
+    other_processor = closed_port_url + "/p"
+    await stub.StartSession(
+        start_request("p", idle_channel, other_processor, mode=pb.SESSION_MODE_PASSTHROUGH)
+    )
+    resize = pb.UpdateSessionRequest(session_id="p", width=640, height=360)
+    why = "a passthrough session forwards the input at its own size: it cannot be resized"
+    await rpc_error(stub.UpdateSession(resize), grpc.StatusCode.FAILED_PRECONDITION, why)
     for interval, shown in ((0.05, "0.05"), (61, "61"), (-1, "-1")):
         watch = stub.WatchSession(pb.WatchSessionRequest(session_id="s", interval=seconds(interval)))
         got = await rpc_error(watch.read(), code, "interval must be 0.1..60 s")

@@ -303,11 +303,12 @@ async def test_a_processor_killed_and_restarted_and_the_output_resumes_in_sync(
     run.check_output()
 
 
-async def test_a_slow_processor_keeps_latency_within_the_budget(
+async def test_a_slow_processor_gets_what_it_takes_and_the_rest_is_counted_late(
     trickle_server: TrickleServer, inputs: Callable[[InputSpec], LiveInput]
 ) -> None:
     """A processor that takes 10 frames a second, FIFO like ComfyStream: the relay sends what it
-    takes and lets the rest go as late, counted; nothing waits longer than the budget."""
+    takes and lets the rest go as late, counted, judging a frame by when it would come back (the
+    frames at the processor before it); no queue grows."""
     live = inputs(InputSpec(seconds=8.0, gop=2.0))
     budget = 0.3
     run = await relayed(
@@ -322,10 +323,33 @@ async def test_a_slow_processor_keeps_latency_within_the_budget(
     assert stats.drops["late"] > 0.5 * len(run.published)
     sent_in_time = stats.link.send.frames - stats.link.send.repeated
     assert sent_in_time + stats.drops["late"] + stats.drops["input_overflow"] >= len(run.published) - 1
-    # Latency: the budget on the send leg, then the processor's own queue (at most
-    # max_in_flight frames at 10 fps) and the round trip.
+    # Latency: the budget, and a frame's time at the processor (0.1 s); before the first frames
+    # come back nothing says how slow it is (max_in_flight frames go out at once).
     latencies = sorted(run.latencies())
-    p99 = latencies[int(0.99 * (len(latencies) - 1))]
-    assert p99 <= budget + MAX_IN_FLIGHT / 10 + 0.2, p99
+    assert latencies[len(latencies) // 2] <= budget + 0.1 + 0.05, latencies
+    assert latencies[-1] <= budget + MAX_IN_FLIGHT / 10 + 0.2 + 0.1, latencies
     assert all(depth.depth <= depth.capacity for depth in stats.queues)
     run.check_output(markers=False)
+
+
+# -- a session resized mid-stream ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.value)
+async def test_a_session_resized_mid_stream_goes_on_at_the_new_size_whole_and_in_sync(
+    trickle_server: TrickleServer, inputs: Callable[[InputSpec], LiveInput], mode: VideoMode
+) -> None:
+    live = inputs(InputSpec(seconds=6.0, gop=1.0))
+    async with relay_for(trickle_server, live, video_mode=mode) as scene:
+        publishing = asyncio.create_task(live.publish(scene.source))
+        await asyncio.wait_for(live.until_sent(75), 10)
+        scene.relay.resize(640, 360)
+        await publishing
+    run = scene.runs[0]
+    sizes = run.figures.sizes
+    assert sizes[0] == (SIZE, SIZE) and sizes[-1] == (640, 360)
+    changed = sizes.index((640, 360))
+    assert set(sizes[changed:]) == {(640, 360)}  # once, for good
+    assert len(run.lost) <= 1, run.lost
+    assert run.stats.timeline.epochs == 1  # the timeline went on
+    run.check_output()

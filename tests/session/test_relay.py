@@ -23,7 +23,7 @@ from relay_server.backoff import Backoff
 from relay_server.media.testsource import publish_pattern
 from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.paths import VideoMode
-from relay_server.session.relay import FillMode, Relay
+from relay_server.session.relay import FillMode, Relay, RelayStats
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
 from relay_server.webrtc import LinkError, LinkSettings, LinkState
@@ -240,8 +240,11 @@ async def test_the_inputs_audio_is_carried_in_sync_with_the_returned_video(
     async with ProcessorServer() as processor, session(trickle_server, processor.url) as s:
         await publish_live(s.source, clip)
         await s.source.close()
-    stats = s.relay.stats
-    data = b"".join(s.output.segments)
+    audio_goes_where_its_video_does(clip, s.relay.stats, b"".join(s.output.segments))
+
+
+def audio_goes_where_its_video_does(clip: Clip, stats: RelayStats, data: bytes) -> None:
+    """The input's audio is in the output, each packet where the video of its media time is."""
     with av.open(io.BytesIO(data), format="mpegts") as container:
         video_out = [(read_index(f), f.pts) for f in container.decode(video=0)]
     with av.open(io.BytesIO(data), format="mpegts") as container:
@@ -261,7 +264,7 @@ async def test_the_inputs_audio_is_carried_in_sync_with_the_returned_video(
 async def test_catch_up_without_pacing_sends_every_frame_of_a_burst(
     trickle_server: TrickleServer,
 ) -> None:
-    clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=90, gop=30))
+    clip = make_clip(ClipSpec(width=SIZE, height=SIZE, frames=90, gop=30, audio="aac"))
     catch_up = LinkSettings(pace=False)
     # A processor that queues its input, as ComfyStream does (the embedded one otherwise keeps
     # only the newest frame when several arrive at once).
@@ -277,6 +280,8 @@ async def test_catch_up_without_pacing_sends_every_frame_of_a_burst(
     # (but the last, which the processor's jitter buffer may keep).
     assert stats.frames_decoded == 90 and stats.drops["input_overflow"] == stats.drops["output_replaced"] == 0
     assert indices == list(range(len(indices))) and len(indices) >= 89
+    # Nothing on the audio's side depends on pacing: it is carried too.
+    audio_goes_where_its_video_does(clip, stats, b"".join(s.output.segments))
 
 
 async def test_a_failing_helper_task_ends_the_run_with_its_error(trickle_server: TrickleServer) -> None:
