@@ -198,25 +198,31 @@ async def test_a_restarted_processor_brings_the_session_back(
         assert stats.frames_filled == 0  # the output held: only what the processor returned
 
 
-async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
-    trickle_server: TrickleServer,
-) -> None:
-    bad = [{"1": {"class_type": "NoSuchNode", "inputs": {}}}]
+@contextlib.asynccontextmanager
+async def failing_relay(trickle_server: TrickleServer, **options: object) -> AsyncIterator[Relay]:
+    """A relay on a live input that the test expects to fail; every thread gone at exit."""
     source = Publisher(trickle_server.channel_url("in"))
     await source.create_channel()
     publishing = asyncio.create_task(publish_pattern(source, 1280, 720))  # the offer waits for input
     try:
         async with ProcessorServer() as processor:
             output = trickle_server.channel_url("out")
-            relay = Relay(source.url, output, processor.url, width=SIZE, height=SIZE, prompts=bad)
-            with pytest.raises(LinkError, match="500: the prompt names no known effect"):
-                await asyncio.wait_for(relay.run(), 20)
-            assert relay.link.state is LinkState.FAILED
+            yield Relay(source.url, output, processor.url, width=SIZE, height=SIZE, **options)  # type: ignore[arg-type]
     finally:
         publishing.cancel()
         await asyncio.gather(publishing, return_exceptions=True)
         await source.close()
     assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
+
+
+async def test_an_invalid_prompt_fails_the_session_with_the_processors_reason(
+    trickle_server: TrickleServer,
+) -> None:
+    bad = [{"1": {"class_type": "NoSuchNode", "inputs": {}}}]
+    async with failing_relay(trickle_server, prompts=bad) as relay:
+        with pytest.raises(LinkError, match="500: the prompt names no known effect"):
+            await asyncio.wait_for(relay.run(), 20)
+        assert relay.link.state is LinkState.FAILED
 
 
 async def publish_live(publisher: Publisher, clip: Clip, behind: float = 0.0) -> None:
@@ -287,22 +293,11 @@ async def test_catch_up_without_pacing_sends_every_frame_of_a_burst(
 async def test_a_failing_helper_task_ends_the_run_with_its_error(trickle_server: TrickleServer) -> None:
     """The fill and audio tasks run until the relay stops them: one that raises is no error only
     logged, it ends the run and is what run() raises."""
-    source = Publisher(trickle_server.channel_url("in"))
-    await source.create_channel()
-    publishing = asyncio.create_task(publish_pattern(source, 1280, 720))
-    try:
-        async with ProcessorServer() as processor:
-            output = trickle_server.channel_url("out")
-            relay = Relay(source.url, output, processor.url, width=SIZE, height=SIZE)
+    async with failing_relay(trickle_server) as relay:
 
-            async def broken() -> None:
-                raise RuntimeError("the audio task broke")
+        async def broken() -> None:
+            raise RuntimeError("the audio task broke")
 
-            relay._audio.run = broken  # type: ignore[method-assign]
-            with pytest.raises(RuntimeError, match="the audio task broke"):
-                await asyncio.wait_for(relay.run(), 20)
-    finally:
-        publishing.cancel()
-        await asyncio.gather(publishing, return_exceptions=True)
-        await source.close()
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
+        relay._audio.run = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="the audio task broke"):
+            await asyncio.wait_for(relay.run(), 20)
