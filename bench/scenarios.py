@@ -1,5 +1,5 @@
 """Whole-session scenarios: input as it really arrives, every figure from StartSession.
-`python -m bench.scenarios [--quick]`; `python -m bench e2e` runs them after its own.
+`python -m bench scenarios [--quick]`.
 
 Each scenario publishes an input the ffmpeg CLI made (bench.liveinput: each frame's index in its
 pixels, a flash and a beep every second) live at its decode times on an embedded trickle server,

@@ -51,6 +51,7 @@ JOIN_TOLERANCE = 0.15  # seconds an epoch's first frames may have arrived late a
 LATENCY_BUDGET = 0.5  # default seconds a frame may leave behind the live edge
 ARRIVALS = 512  # video arrivals remembered (pts → clock time): seconds of input at any rate
 SMOOTHING_SAMPLES = 60  # arrival delays the smoothing is the 90th percentile of: 2 s at 30 fps
+SMOOTHING_EVERY = 6  # arrivals between two workings-out of that percentile
 EPOCHS = 4  # epochs whose media ranges audio is placed by
 
 
@@ -106,6 +107,7 @@ class SessionTimeline:
         self._arrivals: OrderedDict[int, _Arrival] = OrderedDict()  # by unwrapped media ticks
         self._delays: deque[float] = deque(maxlen=SMOOTHING_SAMPLES)
         self._smoothing = 0.0
+        self._since_smoothing = 0  # delays added since the smoothing was worked out
         self._output: int | None = None  # output ticks minus session ticks, once the output began
         self._from_start = False  # the input is read from its start: its first epoch has no backlog
 
@@ -165,6 +167,7 @@ class SessionTimeline:
             self._first = epoch
         self._delays.clear()
         self._smoothing = 0.0
+        self._since_smoothing = 0
         self.stats.epochs += 1
         return epoch
 
@@ -188,8 +191,11 @@ class SessionTimeline:
     def _add_delay(self, delay: float) -> None:
         delays = self._delays
         delays.append(max(0.0, delay))
-        ordered = sorted(delays)
-        self._smoothing = min(ordered[int(0.9 * (len(ordered) - 1))], self.budget / 2)
+        self._since_smoothing += 1
+        if self._since_smoothing >= SMOOTHING_EVERY:  # a percentile moves slowly: not every frame
+            self._since_smoothing = 0
+            ordered = sorted(delays)
+            self._smoothing = min(ordered[int(0.9 * (len(ordered) - 1))], self.budget / 2)
 
     def _arrival(self, pts: int, ready: float) -> tuple[int, _Arrival]:
         """`pts` unwrapped, and its arrival; a frame the feed did not see arrive (an input it
