@@ -91,6 +91,14 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
         "(default 0: only the newest frame waits)",
     )
     parser.add_argument(
+        "--loss",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="drop this share of the RTP packets sent and received, as a lossy network would "
+        "(default 0; 0.01: 1 %%)",
+    )
+    parser.add_argument(
         "--drop-every", type=int, default=0, metavar="N", help="drop every Nth input frame (0: none)"
     )
     parser.add_argument(
@@ -112,6 +120,7 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
             max_fps=args.max_fps,
             input_timeout=args.input_timeout,
             queue=args.queue,
+            loss=args.loss,
         )
         host, port = args.listen
         eventloop.run(serve_forever(host, port, knobs))

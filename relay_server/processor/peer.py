@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from relay_server.processor.control import ControlChannel
+from relay_server.processor.lossy import LossyLink
 from relay_server.processor.pipeline import Pipeline
 from relay_server.processor.track import ProcessingTrack
 
@@ -59,6 +60,8 @@ class Peer:
         # No ICE servers: aiortc would otherwise query a public STUN server for every connection.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tracks: list[ProcessingTrack] = []
+        loss = pipeline.knobs.loss
+        self.lossy = LossyLink(loss) if loss else None  # the `loss` knob: media packets dropped
         self.closed = asyncio.Event()
         self._controls: list[ControlChannel] = []
         self._on_closed = on_closed
@@ -77,6 +80,9 @@ class Peer:
                 transceiver.setCodecPreferences(_codecs("audio", "audio/opus"))
         # setLocalDescription gathers every ICE candidate: the answer carries them (no trickle ICE).
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        if self.lossy is not None:
+            for transceiver in self.pc.getTransceivers():
+                self.lossy.install(transceiver.sender.transport)
         return self.pc.localDescription
 
     def _on_track(self, track: MediaStreamTrack) -> None:

@@ -29,17 +29,21 @@ class Knobs:
     input frame after which a returned track ends for good (ComfyStream's watchdog; 0: never);
     queue: input frames kept in arrival order and processed oldest first, as ComfyStream does
     (it queues without bound; this is its bound, the oldest dropping beyond it; 0: only the
-    newest frame is kept)."""
+    newest frame is kept); loss: the share of RTP packets its link drops each way, as a network
+    would (lossy.py; 0: none)."""
 
     delay_ms: float = 0.0
     drop_every: int = 0
     max_fps: float = 0.0
     input_timeout: float = 5.0
     queue: int = 0
+    loss: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.delay_ms, self.drop_every, self.max_fps, self.input_timeout, self.queue) < 0:
+        if min(self.delay_ms, self.drop_every, self.max_fps, self.input_timeout, self.queue, self.loss) < 0:
             raise ValueError(f"knobs must not be negative: {self}")
+        if self.loss >= 1:
+            raise ValueError(f"loss must be below 1: {self}")
 
 
 class Pipeline:
