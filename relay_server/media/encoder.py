@@ -19,6 +19,7 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType
 
 from relay_server import settings
+from relay_server.media.scaler import ScaleMode, Scaler
 
 CLOCK = Fraction(1, 90_000)  # MPEG-TS timestamps: 90 kHz
 
@@ -35,7 +36,9 @@ class EncoderStats:
     # Wall time inside libx264: what encoding adds to each frame's latency.
     encode_wall_seconds: float = 0.0
     pts_fixed: int = 0  # timestamps not after the previous one, moved to previous + 1
-    reformatted: int = 0  # frames not yuv420p at the session size, converted first
+    # Frames not yuv420p at the session size, converted first: fitted by the session's scale mode
+    # (a frame the processor made before a resize reached it keeps its proportions).
+    reformatted: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,9 @@ class EncoderSettings:
     gop: float = 2.0  # seconds of media time per GOP, and so per output segment
     fps: float = 30.0  # a rate-control hint only: timestamps decide frame durations
 
-    def encoder(self, width: int, height: int) -> VideoEncoder:
+    def encoder(self, width: int, height: int, mode: ScaleMode = ScaleMode.LETTERBOX) -> VideoEncoder:
         return VideoEncoder(
-            width, height, gop=self.gop, preset=self.preset, bitrate=self.bitrate, fps=self.fps
+            width, height, gop=self.gop, preset=self.preset, bitrate=self.bitrate, fps=self.fps, mode=mode
         )
 
 
@@ -67,6 +70,7 @@ class VideoEncoder:
         fps: float = 30.0,
         threads: int | None = None,
         profile: str | None = None,
+        mode: ScaleMode = ScaleMode.LETTERBOX,
     ) -> None:
         if gop <= 0:
             raise ValueError(f"gop must be positive, got {gop}")
@@ -78,6 +82,7 @@ class VideoEncoder:
         self._next_idr: int | None = None  # first pts that gets an IDR; None: the next frame
         self._last_pts: int | None = None
         self._closed = False
+        self._fit = Scaler(width, height, mode)
         self._settings = (preset, bitrate, fps, threads, profile)
         self._codec = self._open()
 
@@ -121,6 +126,7 @@ class VideoEncoder:
         returned) and opened again at the new size; the next frame is an IDR."""
         packets = self._run(None)
         self.width, self.height = width, height
+        self._fit.resize(width, height)
         self._codec = self._open()
         self._next_idr = None
         return packets
@@ -146,7 +152,7 @@ class VideoEncoder:
             self.stats.pts_fixed += 1
         self._last_pts = pts90k
         if frame.format.name != "yuv420p" or (frame.width, frame.height) != (self.width, self.height):
-            frame = frame.reformat(self.width, self.height, "yuv420p")
+            frame = self._fit(frame)
             self.stats.reformatted += 1
         frame.pts = pts90k
         frame.time_base = CLOCK

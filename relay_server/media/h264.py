@@ -97,6 +97,12 @@ def is_idr(access_unit: bytes) -> bool:
     return any(kind == NAL_IDR for kind, _, _ in _scan(access_unit, whole=False))
 
 
+def has_parameter_sets(access_unit: bytes) -> bool:
+    """Whether the access unit carries an SPS and a PPS: a decoder can start at it if it is an IDR."""
+    kinds = {kind for kind, _, _ in _scan(access_unit)}
+    return NAL_SPS in kinds and NAL_PPS in kinds
+
+
 def _unescape(nal: bytes) -> bytes:
     """The RBSP: emulation_prevention_three_bytes removed (every 03 after 00 00 is one)."""
     return nal.replace(b"\x00\x00\x03", b"\x00\x00")

@@ -90,7 +90,7 @@ class Transcoder:
         self._publisher = Publisher(output) if isinstance(output, str) else output
         self._owns_publisher = isinstance(output, str)
         self._pipeline = OutputPipeline(
-            self._publisher, encoding.encoder(width, height), policy=policy, drop_audio=drop_audio
+            self._publisher, encoding.encoder(width, height, mode), policy=policy, drop_audio=drop_audio
         )
         self._input = MediaInput(
             source,

@@ -194,7 +194,7 @@ class Relay:
         self._owns_publisher = isinstance(output, str)
         self._pipeline = OutputPipeline(
             self._publisher,
-            encoding.encoder(width, height),
+            encoding.encoder(width, height, mode),
             policy=Policy.BLOCK if catch_up else Policy.LIVE,
             drop_audio=drop_audio,
             on_keyframe_overdue=self._keyframe_overdue if zero_transcode else None,

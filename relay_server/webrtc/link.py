@@ -30,7 +30,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from relay_server.media.handoff import FrameQueue
 from relay_server.media.timeline import SessionTimeline
 from relay_server.webrtc import jitter
 from relay_server.webrtc.control import ControlClient, ControlError
+from relay_server.webrtc.resend import Resender
 from relay_server.webrtc.roundtrip import LatencyWindow, RoundTrip
 from relay_server.webrtc.sendtrack import (
     IN_FLIGHT_EXPIRY,
@@ -66,6 +67,7 @@ _T = TypeVar("_T")
 # most max_in_flight frames, so only a burst after a stall comes near it.
 RETURNED_UNITS = 32
 REMB_INTERVAL = 1.0  # seconds between requests for the return bitrate, as browsers send REMB
+RETURN_TAIL = 16  # packets after the newest returned one asked for when returns stall (resend.py)
 WAITING_FOR_INPUT = "waiting for input"
 CONNECTING = "connecting to the processor"
 
@@ -414,9 +416,14 @@ class _Connection:
         if self.encoder is not None:
             # aiortc answers RTCP PLI/FIR by flagging its own encoder, which packets bypass.
             transceiver.sender._send_keyframe = self.track.request_keyframe  # type: ignore[method-assign]
+        self.resender = Resender(transceiver.sender, self.roundtrip, link._send, on_stall=self._stalled)
         # Returned frames as soon as they are complete, not one frame interval later.
         self.receiver = transceiver.receiver
         self.jitter = jitter.install(self.receiver)
+        if self.jitter is not None:
+            # A lost packet holds what is behind it a quarter of the budget at most.
+            self.jitter.max_wait = link.timeline.budget / 4
+            self.jitter.on_missing = self._ask_again
         # Returned access units (remux) wait here for delivery: the tap runs inside aiortc's
         # packet handler and cannot wait. Bounded by the frames in flight in practice.
         self.units: asyncio.Queue[tuple[bytes, float, int]] = asyncio.Queue(RETURNED_UNITS)
@@ -456,14 +463,17 @@ class _Connection:
                 self._ask_bitrate(self.jitter, bitrate), name=f"link-remb {link.name}"
             )
         self._arm(link.settings.return_timeout)
+        self.resender.start()
         return await asyncio.shield(self._lost)
 
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        await self.resender.stop()
         await self.pc.close()  # stops the sender (and with it the track) and the receiver
         if self.jitter is not None:
             self.jitter.tap = None
+            self.jitter.stop()
         for task in (self._receiving, self._delivering, self._asking, *self._requests):
             if task is not None:
                 task.cancel()
@@ -522,15 +532,27 @@ class _Connection:
         request = jitter.keyframe_request(self.receiver)
         if request is None:
             return False
-        task = asyncio.create_task(request, name=f"keyframe-request {self.link.name}")
+        self._request(request, "keyframe")
+        return True
+
+    def _stalled(self) -> None:
+        """Frames out did not come back in time: perhaps the processor's last packets were lost."""
+        if self.jitter is not None:
+            self.jitter.ask_past_newest(RETURN_TAIL)
+
+    def _ask_again(self, media_ssrc: int, lost: list[int]) -> None:
+        """The returned video's lost packets, asked for again (RTCP NACK)."""
+        self._request(jitter.nack_request(self.receiver, media_ssrc, lost), "nack")
+
+    def _request(self, request: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(request, name=f"{what}-request {self.link.name}")
         self._requests.add(task)
         task.add_done_callback(self._request_done)
-        return True
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
         self._requests.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("link %s: keyframe request not sent: %r", self.link.name, task.exception())
+            log.warning("link %s: %s not sent: %r", self.link.name, task.get_name(), task.exception())
 
     async def _ask_bitrate(self, buffer: jitter.MarkerJitterBuffer, bitrate: int) -> None:
         """Ask the processor for `bitrate` as soon as its video starts, then every
@@ -582,8 +604,11 @@ class _Connection:
         """Count a returned frame; the media time of the input frame it was made from."""
         self.returned += 1
         self._last_return = arrival
-        self.in_flight.returned()
-        return self.roundtrip.returned(pts, arrival)
+        roundtrip = self.roundtrip
+        skipped = roundtrip.skipped
+        media = roundtrip.returned(pts, arrival)
+        self.in_flight.returned(passed_over=roundtrip.skipped - skipped)
+        return media
 
     def _arm(self, timeout: float) -> None:
         """Watchdog: lost when frames went out and none came back for `timeout` seconds. One

@@ -41,6 +41,8 @@ class RoundTrip:
     def __init__(self, latencies: LatencyWindow | None = None) -> None:
         self.matched = 0
         self.unmatched = 0
+        # Sent frames a later return passed over: the processor let them go (it returns in order).
+        self.skipped = 0
         self.first_sent: float | None = None  # monotonic time of the first frame sent
         self.latencies = latencies if latencies is not None else LatencyWindow()
         self._sent: dict[int, tuple[float, int | None, bool]] = {}  # pts → (sent at, media, timed)
@@ -78,7 +80,8 @@ class RoundTrip:
             self.latencies.add(at - sent_at)
         unreturned = self._unreturned
         while unreturned and unreturned[0] <= sent:  # send pts only grow: up to the match, and
-            unreturned.popleft()  # the older ones the processor let go
+            if unreturned.popleft() != sent:  # the older ones the processor let go
+                self.skipped += 1
         return media
 
     def pending(self, since: float) -> int | None:
@@ -90,6 +93,15 @@ class RoundTrip:
                 return sent[1]
             unreturned.popleft()  # presumed lost: it will not be waited for
         return None
+
+    def waiting(self) -> tuple[int, float | None]:
+        """How many frames sent have not come back, and when the oldest of them went out."""
+        unreturned = self._unreturned
+        while unreturned and unreturned[0] not in self._sent:  # forgotten: not waited for
+            unreturned.popleft()
+        if not unreturned:
+            return 0, None
+        return len(unreturned), self._sent[unreturned[0]][0]
 
     def _guess(self) -> int | None:
         while self._unreturned:

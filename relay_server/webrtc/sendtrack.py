@@ -82,8 +82,11 @@ class SendStats:
     bytes: int = 0  # encoded bytes handed to aiortc
     paced_seconds: float = 0.0  # time frames were held back until due
     throttled_seconds: float = 0.0  # time spent waiting for the processor to return frames
-    presumed_lost: int = 0  # frames not back within IN_FLIGHT_EXPIRY, no longer waited for
+    # Frames that will not come back: a later one did (the processor let them go), or none
+    # within IN_FLIGHT_EXPIRY; no longer waited for.
+    presumed_lost: int = 0
     rate_capped: int = 0  # frames not sent: max_fps
+    resent: int = 0  # packets sent again: the processor's returns stalled (resend.py)
 
 
 class InFlight:
@@ -106,10 +109,14 @@ class InFlight:
         if self.limit:
             self._sent.append(at)
 
-    def returned(self) -> None:
-        if self._sent:
+    def returned(self, passed_over: int = 0) -> None:
+        """A frame came back, and `passed_over` sent before it never will (those already
+        presumed lost by expiry are no longer here)."""
+        leaving = min(1 + passed_over, len(self._sent))
+        for _ in range(leaving):
             self._sent.popleft()
-            self._returned.set()
+        self._stats.presumed_lost += max(0, leaving - 1)
+        self._returned.set()
 
     async def room(self) -> None:
         """Wait until another frame may go out."""

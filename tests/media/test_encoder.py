@@ -11,6 +11,7 @@ import pytest
 from av.video.frame import PictureType
 
 from relay_server.media.encoder import CLOCK, VideoEncoder
+from relay_server.media.scaler import ScaleMode
 from relay_server.media.testsource import PatternFrames
 
 WIDTH, HEIGHT = 160, 96
@@ -99,14 +100,21 @@ def test_keyframes_are_idrs_that_decode_alone() -> None:
     assert frames[0].key_frame
 
 
-def test_other_sizes_and_formats_are_converted() -> None:
-    encoder = VideoEncoder(WIDTH, HEIGHT)
-    rgb = av.VideoFrame.from_ndarray(np.full((48, 80, 3), 90, np.uint8), format="rgb24")
-    packets = encoder.encode(rgb, 0) + encoder.close()
+@pytest.mark.parametrize("mode", list(ScaleMode), ids=lambda mode: mode.value)
+def test_other_sizes_and_formats_are_fitted_by_the_scale_mode(mode: ScaleMode) -> None:
+    """A frame of another shape (one the processor made before a resize reached it) keeps its
+    proportions: letterboxed or cropped as the session's input is, never stretched."""
+    encoder = VideoEncoder(WIDTH, HEIGHT, mode=mode)
+    square = av.VideoFrame.from_ndarray(np.full((48, 48, 3), 255, np.uint8), format="rgb24")
+    packets = encoder.encode(square, 0) + encoder.close()
     assert encoder.stats.reformatted == 1
     decoder = av.CodecContext.create("h264", "r")
     (frame,) = [f for p in packets for f in decoder.decode(p)]
     assert (frame.width, frame.height, frame.format.name) == (WIDTH, HEIGHT, "yuv420p")
+    luma = frame.to_ndarray()[:HEIGHT]
+    sides, centre = luma[:, :16].mean(), luma[:, 64:96].mean()
+    assert centre > 200
+    assert sides < 40 if mode is ScaleMode.LETTERBOX else sides > 200
 
 
 def test_bitrate_is_capped_on_noise() -> None:

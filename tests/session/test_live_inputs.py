@@ -21,6 +21,7 @@ import pytest
 
 from bench.liveinput import FFMPEG, Figures, InputSpec, LiveInput, Probe, make_input
 from relay_server.backoff import Backoff
+from relay_server.media.timeline import LATENCY_BUDGET
 from relay_server.processor import Knobs, ProcessorServer
 from relay_server.session.paths import VideoMode
 from relay_server.session.relay import Relay, RelayStats
@@ -352,4 +353,29 @@ async def test_a_session_resized_mid_stream_goes_on_at_the_new_size_whole_and_in
     assert set(sizes[changed:]) == {(640, 360)}  # once, for good
     assert len(run.lost) <= 1, run.lost
     assert run.stats.timeline.epochs == 1  # the timeline went on
+    run.check_output()
+
+
+# -- a lossy link to the processor ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.03], ids=lambda loss: f"{loss:.0%}")
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.value)
+async def test_packets_lost_on_the_processor_link_come_again_within_the_budget(
+    trickle_server: TrickleServer, inputs: Callable[[InputSpec], LiveInput], mode: VideoMode, loss: float
+) -> None:
+    """The processor on another machine, the network between losing `loss` of the RTP packets
+    each way (the embedded processor drops them). A lost packet comes again (NACK; asked again,
+    or sent again, where the processor's stock receiver asks once and stalls): no more frames
+    lost than packets, no reconnect, the latency's p99 within the budget."""
+    live = inputs(InputSpec(seconds=10.0, gop=2.0))
+    async with relay_for(trickle_server, live, knobs=Knobs(loss=loss), video_mode=mode) as scene:
+        await live.publish(scene.source)
+        lossy = [peer.lossy for peer in scene.processor.peers if peer.lossy is not None]
+    run = scene.runs[0]
+    assert sum(link.dropped_sent for link in lossy) > 0 and sum(link.dropped_received for link in lossy) > 0
+    assert len(run.lost) <= loss * len(run.published), run.lost
+    assert run.stats.link.losses == 0
+    latencies = sorted(run.latencies())
+    assert latencies[int(0.99 * len(latencies))] <= LATENCY_BUDGET, latencies[-10:]
     run.check_output()

@@ -31,42 +31,116 @@ async def ask_for_keyframe(receiver: Any) -> None:
     await request
 
 
-def test_a_frame_leaves_with_its_marked_packet_where_aiortc_waits_for_the_next_frame() -> None:
-    ours, stock = MarkerJitterBuffer(), JitterBuffer(capacity=512, is_video=True)
-    first = [packet(10, 3000, b"a"), packet(11, 3000, b"b", marker=True)]
-    for rtp in first[:-1]:
-        assert ours.add(rtp)[1] is None
-        assert stock.add(rtp)[1] is None
-    frame = ours.add(first[-1])[1]
-    assert frame is not None and (frame.data, frame.timestamp) == (b"ab", 3000)
-    assert stock.add(first[-1])[1] is None  # aiortc: only once the next frame begins
-    assert stock.add(packet(12, 6000, b"c"))[1] is not None
-    assert ours.add(packet(12, 6000, b"c"))[1] is None  # not complete yet
-    frame = ours.add(packet(13, 6000, b"d", marker=True))[1]
-    assert frame is not None and (frame.data, frame.timestamp) == (b"cd", 6000)
-
-
-def test_a_gap_holds_the_frame_until_the_missing_packet_comes() -> None:
-    buffer = MarkerJitterBuffer()
-    assert buffer.add(packet(1, 90, b"x"))[1] is None
-    assert buffer.add(packet(3, 90, b"z", marker=True))[1] is None  # 2 is missing
-    frame = buffer.add(packet(2, 90, b"y"))[1]
-    assert frame is not None and frame.data == b"xyz"
-
-
-def test_a_frame_whose_marked_packet_was_lost_leaves_when_the_next_one_starts() -> None:
-    buffer = MarkerJitterBuffer()
-    assert buffer.add(packet(1, 90, b"x"))[1] is None
-    frame = buffer.add(packet(2, 180, b"next"))[1]  # the marked packet of ts 90 never came
-    assert frame is not None and (frame.data, frame.timestamp) == (b"x", 90)
-    frame = buffer.add(packet(3, 180, b"!", marker=True))[1]
-    assert frame is not None and frame.data == b"next!"
-
-
 # Annex B access units as aiortc's depayloader leaves them: start codes, then NAL units.
 SPS, PPS = b"\x00\x00\x00\x01\x67\x42", b"\x00\x00\x00\x01\x68\xce"
 IDR = SPS + PPS + b"\x00\x00\x00\x01\x65\x88\x84"
 P = b"\x00\x00\x00\x01\x41\x9a\x02"
+
+
+def test_a_frame_leaves_with_its_marked_packet_where_aiortc_waits_for_the_next_frame() -> None:
+    ours, stock = MarkerJitterBuffer(), JitterBuffer(capacity=512, is_video=True)
+    first = [packet(10, 3000, IDR[:9]), packet(11, 3000, IDR[9:], marker=True)]
+    for rtp in first[:-1]:
+        assert ours.add(rtp)[1] is None
+        assert stock.add(rtp)[1] is None
+    frame = ours.add(first[-1])[1]
+    assert frame is not None and (frame.data, frame.timestamp) == (IDR, 3000)
+    assert stock.add(first[-1])[1] is None  # aiortc: only once the next frame begins
+    assert stock.add(packet(12, 6000, P[:5]))[1] is not None
+    assert ours.add(packet(12, 6000, P[:5]))[1] is None  # not complete yet
+    frame = ours.add(packet(13, 6000, P[5:], marker=True))[1]
+    assert frame is not None and (frame.data, frame.timestamp) == (P, 6000)
+
+
+def started() -> MarkerJitterBuffer:
+    """A buffer that released the stream's first keyframe (packet 1)."""
+    buffer = MarkerJitterBuffer()
+    assert buffer.add(packet(1, 90, IDR, marker=True))[1] is not None
+    return buffer
+
+
+def test_a_gap_holds_the_frame_until_the_missing_packet_comes() -> None:
+    buffer = started()
+    assert buffer.add(packet(2, 180, P[:3]))[1] is None
+    assert buffer.add(packet(4, 180, P[5:], marker=True))[1] is None  # 3 is missing
+    frame = buffer.add(packet(3, 180, P[3:5]))[1]
+    assert frame is not None and frame.data == P
+
+
+def test_a_frame_whose_last_packet_is_not_marked_leaves_when_the_next_one_starts() -> None:
+    buffer = started()
+    assert buffer.add(packet(2, 180, P))[1] is None
+    frame = buffer.add(packet(3, 270, P[:5]))[1]  # the packet of ts 180 was not marked
+    assert frame is not None and (frame.data, frame.timestamp) == (P, 180)
+    frame = buffer.add(packet(4, 270, P[5:], marker=True))[1]
+    assert frame is not None and frame.data == P
+
+
+def test_the_stream_starts_at_a_keyframe_with_its_parameter_sets() -> None:
+    """The first packets sent (SPS, PPS) were lost: the buffer starts at the first that came."""
+    buffer = MarkerJitterBuffer()
+    slices = IDR[len(SPS + PPS) :]
+    assert buffer.add(packet(3, 90, slices, marker=True)) == (True, None)  # a keyframe, please
+    assert buffer.add(packet(4, 180, P, marker=True)) == (False, None)  # asked once
+    assert buffer.withheld == 2
+    frame = buffer.add(packet(5, 270, IDR, marker=True))[1]
+    assert frame is not None and frame.data == IDR
+    frame = buffer.add(packet(6, 360, slices, marker=True))[1]  # later keyframes may omit them
+    assert frame is not None and frame.data == slices
+
+
+async def test_a_gap_is_asked_for_again_then_its_frame_given_up() -> None:
+    buffer = started()
+    buffer.nack_interval = 0
+    buffer.max_wait = 3600
+    asked: list[list[int]] = []
+    buffer.on_missing = lambda ssrc, lost: asked.append(lost)
+    # The P-frame at 180 lost its first packet (2); the P-frame at 270 waits behind it.
+    assert buffer.add(packet(3, 180, P[5:], marker=True)) == (False, None)
+    assert buffer.add(packet(4, 270, P, marker=True)) == (False, None)
+    assert asked == [[2], [2]]  # again with each packet while the gap lasts
+    buffer.max_wait = 0
+    # Given up: the frame at 180 dropped, the one at 270 withheld (it refers to it), a keyframe
+    # asked for; the keyframe behind them goes at once.
+    pli, frame = buffer.add(packet(5, 360, IDR, marker=True))
+    assert pli and frame is not None and (frame.data, frame.timestamp) == (IDR, 360)
+    assert (buffer.given_up, buffer.withheld) == (1, 1)
+    frame = buffer.add(packet(6, 450, P, marker=True))[1]
+    assert frame is not None and frame.timestamp == 450
+    assert buffer.add(packet(2, 180, P[:5])) == (False, None)  # too late: ignored
+    assert asked == [[2], [2]]
+
+
+async def test_a_gap_is_asked_for_again_while_nothing_else_comes() -> None:
+    """The sender may send nothing more until its frames come back: the asks go on by timer."""
+    buffer = started()
+    buffer.nack_interval = 0.001
+    asked: list[list[int]] = []
+    three_asks = asyncio.Event()
+
+    def on_missing(ssrc: int, lost: list[int]) -> None:
+        asked.append(lost)
+        if len(asked) == 3:
+            three_asks.set()
+
+    buffer.on_missing = on_missing
+    buffer.add(packet(3, 180, P[5:], marker=True))  # 2 is missing
+    buffer.add(packet(5, 270, P, marker=True))  # and 4
+    await asyncio.wait_for(three_asks.wait(), 5)
+    assert asked[-1] == [2, 4]
+    buffer.stop()
+
+
+def test_a_retransmission_that_comes_lets_every_frame_behind_the_gap_go() -> None:
+    buffer = started()
+    tapped: list[int] = []
+    buffer.tap = lambda _, timestamp: tapped.append(timestamp)
+    buffer.add(packet(3, 180, P[5:], marker=True))
+    buffer.add(packet(4, 270, P, marker=True))
+    buffer.add(packet(5, 360, P, marker=True))
+    assert tapped == []
+    buffer.add(packet(2, 180, P[:5]))  # the retransmission
+    assert tapped == [180, 270, 360] and buffer.given_up == 0
 
 
 def test_a_tap_takes_every_complete_frame_from_the_decoder() -> None:

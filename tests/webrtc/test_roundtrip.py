@@ -15,6 +15,7 @@ from relay_server.webrtc.roundtrip import (
     LatencyWindow,
     RoundTrip,
 )
+from relay_server.webrtc.sendtrack import InFlight, SendStats
 
 TICKS = 3000  # one frame at 30 fps on the 90 kHz clock
 LATENCY = 0.1  # seconds from send to return in these simulations
@@ -137,6 +138,21 @@ def test_a_processor_that_drops_frames_still_matches() -> None:
     matched = [(index, latency) for index, latency in results[first:]]
     assert all(latency == pytest.approx(LATENCY) and kept(index) for index, latency in matched)
     assert len(matched) > 60
+    # Every frame dropped after the first match is passed over by a later one, and counted.
+    dropped_after = sum(not kept(index) for index in range(results[first][0], 120))
+    assert dropped_after <= roundtrip.skipped <= sum(not kept(index) for index in range(120))
+
+
+async def test_frames_passed_over_leave_the_in_flight_window_at_once_counted_lost() -> None:
+    stats = SendStats()
+    in_flight = InFlight(stats, limit=4)
+    for at in range(4):
+        in_flight.sent(float(at))
+    in_flight.returned(passed_over=2)  # the third came back: the first two never will
+    assert len(in_flight) == 1 and stats.presumed_lost == 2
+    in_flight.returned(passed_over=3)  # more passed over than are out: already presumed lost
+    assert len(in_flight) == 0 and stats.presumed_lost == 2
+    await in_flight.drained()
 
 
 def test_a_new_offset_is_relearnt_after_misses() -> None:
