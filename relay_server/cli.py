@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay_server import eventloop
+
+if TYPE_CHECKING:
+    from relay_server.trickle.limits import TrickleLimits
+from relay_server.serving import ListenError
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -38,15 +43,87 @@ def _add_trickle_server(commands: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="close channels that received no segment data for this long (default 300)",
     )
+    _add_trickle_limits(parser)
 
     def run(args: argparse.Namespace) -> int:
         from relay_server.trickle.server import serve_forever
 
+        try:
+            limits = _trickle_limits(args)
+        except ValueError as error:
+            parser.error(str(error))
         host, port = args.listen
-        eventloop.run(serve_forever(host, port, autocreate=args.autocreate, idle_timeout=args.idle_timeout))
+        server = serve_forever(
+            host, port, autocreate=args.autocreate, idle_timeout=args.idle_timeout, limits=limits
+        )
+        eventloop.run(server)
         return 0
 
     parser.set_defaults(run=run)
+
+
+def _add_trickle_limits(parser: argparse.ArgumentParser) -> None:
+    from relay_server import settings
+
+    def add(*flags: str, **options: Any) -> None:
+        parser.add_argument(*flags, default=_FROM_ENV, **options)
+
+    add(
+        "--max-segment-bytes",
+        type=_checked(settings.parse_count),
+        metavar="BYTES",
+        help="bytes one segment may hold; more is answered 413 "
+        "(env TRICKLE_MAX_SEGMENT_BYTES, default 67108864)",
+    )
+    add(
+        "--max-buffered-bytes",
+        type=_checked(settings.parse_count),
+        metavar="BYTES",
+        help="bytes all segments together may hold; more is answered 503 "
+        "(env TRICKLE_MAX_BUFFERED_BYTES, default 1073741824)",
+    )
+    add(
+        "--max-channels",
+        type=_checked(settings.parse_count),
+        metavar="N",
+        help="channels at once; more are answered 503 (env TRICKLE_MAX_CHANNELS, default 1024)",
+    )
+    add(
+        "--max-connections",
+        type=_checked(settings.parse_count),
+        metavar="N",
+        help="open connections; more are answered 429 (env TRICKLE_MAX_CONNECTIONS, default 512)",
+    )
+    add(
+        "--header-timeout",
+        type=_checked(settings.parse_timeout),
+        metavar="SECONDS",
+        help="close a connection with no complete request head this long after it connected or "
+        "finished a request (env TRICKLE_HEADER_TIMEOUT, default 30)",
+    )
+    add(
+        "--first-byte-timeout",
+        type=_checked(settings.parse_timeout),
+        metavar="SECONDS",
+        help="answer 408 to a POST with no body byte after this long "
+        "(env TRICKLE_FIRST_BYTE_TIMEOUT, default 60)",
+    )
+
+
+def _trickle_limits(args: argparse.Namespace) -> TrickleLimits:
+    """The trickle server's limits: each flag given, else its TRICKLE_* variable, else the default."""
+    from relay_server import settings
+    from relay_server.trickle.limits import TrickleLimits
+
+    pick = _flag_or_env
+    return TrickleLimits(
+        max_segment_bytes=pick(args.max_segment_bytes, settings.trickle_max_segment_bytes),
+        max_buffered_bytes=pick(args.max_buffered_bytes, settings.trickle_max_buffered_bytes),
+        max_channels=pick(args.max_channels, settings.trickle_max_channels),
+        max_connections=pick(args.max_connections, settings.trickle_max_connections),
+        header_timeout=pick(args.header_timeout, settings.trickle_header_timeout),
+        first_byte_timeout=pick(args.first_byte_timeout, settings.trickle_first_byte_timeout),
+    )
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
@@ -129,7 +206,11 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-_FROM_ENV: Any = object()  # a serve flag not given: its RELAY_* variable, or the default, decides
+_FROM_ENV: Any = object()  # a flag not given: its variable, or the default, decides
+
+
+def _flag_or_env(flag: Any, from_env: Callable[[], Any]) -> Any:
+    return from_env() if flag is _FROM_ENV else flag
 
 
 def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -178,7 +259,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--allow-hosts",
         type=_checked(settings.parse_hosts),
         metavar="H1,H2",
-        help="the only hosts sessions may connect to: channels and processors "
+        help="the only hosts sessions may connect to: channels, processors and their ICE candidates "
         "(env RELAY_ALLOW_HOSTS, default empty: any host)",
     )
     add(
@@ -225,9 +306,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from relay_server.service import app
 
-        def pick(flag: Any, from_env: Callable[[], Any]) -> Any:
-            return from_env() if flag is _FROM_ENV else flag
-
+        pick = _flag_or_env
         try:
             try:
                 level_flag = args.serve_log_level
@@ -279,5 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         return int(args.run(args))
+    except ListenError as error:  # a busy port is the user's to fix: no traceback
+        print(f"trickle-relay {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -124,7 +124,8 @@ def _status_line(session: pb.Session, elapsed: float) -> str:
     return (
         f"  t={elapsed:5.1f}s {pb.SessionState.Name(session.state).removeprefix('SESSION_STATE_'):<9}"
         f" fps decoded {stats.decoded_fps:4.1f} returned {stats.returned_fps:4.1f}"
-        f" encoded {stats.encoded_fps:4.1f}  frames {stats.frames_returned:4d}/{stats.frames_decoded:4d}"
+        f" encoded {stats.encoded_fps:4.1f} published {stats.published_fps:4.1f}"
+        f"  frames {stats.frames_returned:4d}/{stats.frames_decoded:4d} published {stats.frames_published:4d}"
         f"  round trip p50 {p50}  segments out {stats.segments_out:3d}  {stats.webrtc_state}"
         f"  paths {stats.send_path or '-'}/{stats.output_path or '-'}  hot path {stats.fast_path}"
     )
@@ -141,8 +142,9 @@ def _summarise(output_dir: Path, published: int, session: pb.Session, startup: f
         _write_png(picture, _side_by_side(originals, processed[len(processed) // 2]))
     stats = session.stats
     print(
-        f"\n{output}: {len(processed)} frames ({published} published, {stats.frames_returned} came back"
-        f" from the processor; {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} in, {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]} out)\n"
+        f"\n{output}: {len(processed)} frames ({published} published to the input,"
+        f" {stats.frames_returned} came back from the processor, {stats.frames_published} published by"
+        f" the relay; {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} in, {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]} out)\n"
         f"{picture}: an input frame beside the processed frame made from it\n"
         f"session {pb.SessionState.Name(session.state)} ({session.reason}); start-up (StartSession → first"
         f" output byte) {startup * 1000:.0f} ms; round trip p50 {stats.latency.p50.ToMilliseconds()} ms,"

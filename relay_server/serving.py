@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
+import socket
 from typing import Any
 
 from aiohttp import web
@@ -18,11 +21,40 @@ async def bind(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as error:
+        await runner.cleanup()
+        raise listen_error(host, port, error) from error
     except BaseException:
         await runner.cleanup()
         raise
     bound = runner.addresses[0][1]
     return runner, bound, f"http://{url_host(host)}:{bound}"
+
+
+class ListenError(OSError):
+    """A server cannot listen on its address; the message says why in one line."""
+
+
+def listen_error(host: str, port: int, error: OSError | RuntimeError) -> ListenError:
+    """The ListenError for a failed bind to host:port. gRPC reports one as a RuntimeError that
+    names no cause: the address is then tried once more here, to tell a port in use from the rest."""
+    code = error.errno if isinstance(error, OSError) else _bind_errno(host, port)
+    address = f"{url_host(host)}:{port}"
+    if code == errno.EADDRINUSE:
+        return ListenError(f"port {port} is in use: another process listens on {address}")
+    reason = os.strerror(code) if code else str(error)
+    return ListenError(f"cannot listen on {address}: {reason}")
+
+
+def _bind_errno(host: str, port: int) -> int | None:
+    """The errno binding host:port fails with now (None: it binds)."""
+    try:
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        return error.errno
+    return None
 
 
 def url_host(host: str) -> str:

@@ -8,6 +8,8 @@ TRICKLE_TIMEOUT      seconds a trickle request may go without progress (connecti
                      for a segment to start, or mid-body) before it is re-issued (default 20).
 TRICKLE_WORKERS      threads each of a session's codecs (the input decoder, the output encoder)
                      may use; slice threads, which add no latency (default 2).
+TRICKLE_STARTUP_GRACE seconds a session waits for its input channel to appear; then it fails
+                     with "input channel URL not found after N s" (default 10; more than 0).
 RELAY_EVENT_LOOP     "uvloop" (default; about a fifth less CPU per frame, see eventloop.py) or
                      "asyncio", the standard library's loop, for every trickle-relay command.
 
@@ -18,8 +20,9 @@ RELAY_LISTEN         HOST:PORT the gRPC service listens on (--listen; default 12
 RELAY_MAX_SESSIONS   sessions the relay runs at once; more are refused with RESOURCE_EXHAUSTED
                      (--max-sessions; default 8).
 RELAY_ALLOW_HOSTS    comma-separated host names the relay may connect to for a session's channels
-                     and processor; a URL with any other host is refused (--allow-hosts; default
-                     empty: any host).
+                     and processor, the processor's ICE candidates included; a URL with any other
+                     host is refused (--allow-hosts; default empty: any host). No redirect is
+                     followed, allow-list or not.
 RELAY_METRICS_LISTEN HOST:PORT of the Prometheus endpoint, GET /metrics (--metrics-listen; default
                      127.0.0.1:9102; empty or "off": no endpoint).
 RELAY_AUTH_TOKEN     bearer token RelayService calls must carry as `authorization: Bearer <token>`
@@ -34,6 +37,22 @@ RELAY_LOG_FORMAT     "text" (one line per record, `[session=ID]` on a session's 
 RELAY_LOG_LEVEL      DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level; default INFO).
 RELAY_DRAIN_GRACE    seconds in-flight RPCs get to finish on SIGTERM/SIGINT once every session is
                      stopped, before they are cancelled (--drain-grace; default 5).
+
+`trickle-relay trickle-server` bounds what clients can make it hold with these, each a flag too.
+
+TRICKLE_MAX_SEGMENT_BYTES   bytes one segment may hold; a POST going past it is answered 413 and the
+                            segment dropped (--max-segment-bytes; default 67108864, 64 MiB).
+TRICKLE_MAX_BUFFERED_BYTES  bytes all segments together may hold; a POST that needs more is answered
+                            503 with Retry-After (--max-buffered-bytes; default 1073741824, 1 GiB).
+TRICKLE_MAX_CHANNELS        channels at once; creating another is answered 503 with Retry-After
+                            (--max-channels; default 1024).
+TRICKLE_MAX_CONNECTIONS     open HTTP connections; another is answered 429 and closed
+                            (--max-connections; default 512).
+TRICKLE_HEADER_TIMEOUT      seconds a connection has to send a complete request head, after it
+                            connects or finishes a request; then it is closed (--header-timeout;
+                            default 30; more than 0).
+TRICKLE_FIRST_BYTE_TIMEOUT  seconds a POST may wait for its first body byte; then it is answered 408
+                            and closed (--first-byte-timeout; default 60; more than 0).
 """
 
 from __future__ import annotations
@@ -79,6 +98,10 @@ def chunk_size() -> int:
 
 def buffer_size() -> int:
     return env_int("TRICKLE_BUFFER_SIZE", 4 * 1024 * 1024, minimum=64 * 1024)
+
+
+def startup_grace() -> float:
+    return env_float("TRICKLE_STARTUP_GRACE", 10.0, minimum=0.01)
 
 
 def request_timeout() -> float:
@@ -131,6 +154,13 @@ def parse_seconds(text: str) -> float:
         raise ValueError(f"expected a number of seconds, got {text!r}") from None
     if not 0 <= value < float("inf"):  # also rejects NaN
         raise ValueError(f"must be a finite number of seconds, at least 0, got {text!r}")
+    return value
+
+
+def parse_timeout(text: str) -> float:
+    value = parse_seconds(text)
+    if value == 0:
+        raise ValueError(f"must be more than 0 seconds, got {text!r}")
     return value
 
 
@@ -232,6 +262,33 @@ def log_level() -> str:
 
 def drain_grace() -> float:
     return _env("RELAY_DRAIN_GRACE", "5", parse_seconds)
+
+
+# -- `trickle-relay trickle-server`: the embedded trickle server's limits (trickle/limits.py) ------
+
+
+def trickle_max_segment_bytes() -> int:
+    return _env("TRICKLE_MAX_SEGMENT_BYTES", str(64 * 1024 * 1024), parse_count)
+
+
+def trickle_max_buffered_bytes() -> int:
+    return _env("TRICKLE_MAX_BUFFERED_BYTES", str(1024 * 1024 * 1024), parse_count)
+
+
+def trickle_max_channels() -> int:
+    return _env("TRICKLE_MAX_CHANNELS", "1024", parse_count)
+
+
+def trickle_max_connections() -> int:
+    return _env("TRICKLE_MAX_CONNECTIONS", "512", parse_count)
+
+
+def trickle_header_timeout() -> float:
+    return _env("TRICKLE_HEADER_TIMEOUT", "30", parse_timeout)
+
+
+def trickle_first_byte_timeout() -> float:
+    return _env("TRICKLE_FIRST_BYTE_TIMEOUT", "60", parse_timeout)
 
 
 EVENT_LOOPS = ("uvloop", "asyncio")

@@ -2,8 +2,12 @@
 // A small relay.v1.RelayService client: the proto is loaded at run time, no generated code.
 //
 //   node client.js start --subscribe-url URL --publish-url URL --processor-url URL [--id ID] [--prompts JSON]
+//       [--control-url URL] [--events-url URL] [--data-url URL] [--gateway-request-id ID]
+//       [--width W --height H] [--max-fps N] [--preset P] [--bitrate BPS] [--gop S]
+//       [--scale-mode letterbox|crop] [--fill repeat|hold] [--mode auto|transcode|passthrough]
+//       [--allow-shared-processor] [--offer-timeout S] [--latency-budget S]
 //   node client.js get ID
-//   node client.js list
+//   node client.js list                   (every session: follows ListSessions' pages to the end)
 //   node client.js watch ID [--count N] [--interval S]
 //   node client.js stop ID
 //
@@ -22,6 +26,10 @@ const PROTO_ROOT = path.join(__dirname, '..', '..', 'proto');
 const DEADLINE_MS = 30_000;
 const USAGE = `usage: node client.js [--server HOST:PORT] [--token T] [--tls] [--ca-cert PATH] COMMAND
   start --subscribe-url URL --publish-url URL --processor-url URL [--id ID] [--prompts JSON]
+        [--control-url URL] [--events-url URL] [--data-url URL] [--gateway-request-id ID]
+        [--width W --height H] [--max-fps N] [--preset P] [--bitrate BPS] [--gop S]
+        [--scale-mode letterbox|crop] [--fill repeat|hold] [--mode auto|transcode|passthrough]
+        [--allow-shared-processor] [--offer-timeout S] [--latency-budget S]
   get ID | stop ID | list
   watch ID [--count N] [--interval S]`;
 
@@ -111,7 +119,23 @@ const OPTIONS = {
   'subscribe-url': { type: 'string', default: '' },
   'publish-url': { type: 'string', default: '' },
   'processor-url': { type: 'string', default: '' },
+  'control-url': { type: 'string', default: '' },
+  'events-url': { type: 'string', default: '' },
+  'data-url': { type: 'string', default: '' },
+  'gateway-request-id': { type: 'string', default: '' },
   prompts: { type: 'string' },
+  width: { type: 'string' },
+  height: { type: 'string' },
+  'max-fps': { type: 'string' },
+  preset: { type: 'string', default: '' },
+  bitrate: { type: 'string' },
+  gop: { type: 'string' },
+  'scale-mode': { type: 'string' },
+  fill: { type: 'string' },
+  mode: { type: 'string' },
+  'allow-shared-processor': { type: 'boolean', default: false },
+  'offer-timeout': { type: 'string' },
+  'latency-budget': { type: 'string' },
   count: { type: 'string' },
   interval: { type: 'string' },
   help: { type: 'boolean', short: 'h', default: false },
@@ -138,6 +162,69 @@ function positiveNumber(name, text) {
   const value = Number(text);
   if (!(value > 0)) throw new UsageError(`--${name}: expected a positive number, got ${JSON.stringify(text)}`);
   return value;
+}
+
+// A whole number >= 0 (width, height, bitrate: 0 leaves the relay's default).
+function count(name, text) {
+  if (text === undefined) return 0;
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < 0) {
+    throw new UsageError(`--${name}: expected a whole number >= 0, got ${JSON.stringify(text)}`);
+  }
+  return value;
+}
+
+// google.protobuf.Duration as proto-loader takes it: whole seconds and nanoseconds.
+function duration(name, text) {
+  const nanos = Math.round(positiveNumber(name, text) * 1e9);
+  return { seconds: Math.floor(nanos / 1e9), nanos: nanos % 1e9 };
+}
+
+// An enum option's value: the proto name, from the short name the flag takes.
+function choice(name, text, prefix, names) {
+  if (text === undefined) return undefined;
+  if (!names.includes(text)) throw new UsageError(`--${name}: one of ${names.join(', ')}, got ${JSON.stringify(text)}`);
+  return `${prefix}${text.toUpperCase()}`;
+}
+
+function startRequest(options) {
+  const request = {
+    session_id: options.id,
+    subscribe_url: options['subscribe-url'],
+    publish_url: options['publish-url'],
+    processor_url: options['processor-url'],
+    control_url: options['control-url'],
+    events_url: options['events-url'],
+    data_url: options['data-url'],
+    gateway_request_id: options['gateway-request-id'],
+    prompts: parsePrompts(options.prompts),
+    width: count('width', options.width),
+    height: count('height', options.height),
+    max_fps: options['max-fps'] === undefined ? 0 : positiveNumber('max-fps', options['max-fps']),
+    encoder: { preset: options.preset, bitrate: count('bitrate', options.bitrate) },
+    allow_shared_processor: options['allow-shared-processor'],
+    scale_mode: choice('scale-mode', options['scale-mode'], 'SCALE_MODE_', ['letterbox', 'crop']),
+    output_fill: choice('fill', options.fill, 'OUTPUT_FILL_', ['repeat', 'hold']),
+    mode: choice('mode', options.mode, 'SESSION_MODE_', ['auto', 'transcode', 'passthrough']),
+  };
+  if (options.gop !== undefined) request.encoder.gop = duration('gop', options.gop);
+  if (options['offer-timeout'] !== undefined) request.offer_timeout = duration('offer-timeout', options['offer-timeout']);
+  if (options['latency-budget'] !== undefined) {
+    request.latency_budget = duration('latency-budget', options['latency-budget']);
+  }
+  return request;
+}
+
+// Every session: ListSessions a page at a time until next_page_token is empty.
+async function listSessions(client, metadata) {
+  const sessions = [];
+  let page_token = '';
+  do {
+    const page = await unary(client, 'ListSessions', { page_token }, metadata);
+    sessions.push(...page.sessions);
+    page_token = page.next_page_token;
+  } while (page_token);
+  return sessions;
 }
 
 function connect(options) {
@@ -199,14 +286,7 @@ async function run(argv) {
   try {
     switch (command) {
       case 'start': {
-        const request = {
-          session_id: options.id,
-          subscribe_url: options['subscribe-url'],
-          publish_url: options['publish-url'],
-          processor_url: options['processor-url'],
-          prompts: parsePrompts(options.prompts),
-        };
-        const { session } = await unary(client, 'StartSession', request, metadata);
+        const { session } = await unary(client, 'StartSession', startRequest(options), metadata);
         print(plainSession(session));
         break;
       }
@@ -218,17 +298,14 @@ async function run(argv) {
         break;
       }
       case 'list': {
-        const { sessions } = await unary(client, 'ListSessions', {}, metadata);
+        const sessions = await listSessions(client, metadata);
         print({ sessions: sessions.map(plainSession) });
         break;
       }
       case 'watch': {
         const count = options.count === undefined ? undefined : positiveNumber('count', options.count);
         const request = { session_id: sessionId };
-        if (options.interval !== undefined) {
-          const nanos = Math.round(positiveNumber('interval', options.interval) * 1e9);
-          request.interval = { seconds: Math.floor(nanos / 1e9), nanos: nanos % 1e9 };
-        }
+        if (options.interval !== undefined) request.interval = duration('interval', options.interval);
         await watch(client, request, metadata, count);
         break;
       }

@@ -12,8 +12,11 @@ The connection options (--server, --token, --tls, --ca-cert, --timeout, --output
 after the subcommand. --server defaults to $RELAY_ADDRESS or 127.0.0.1:50051, --token to
 $RELAY_AUTH_TOKEN (sent as `authorization: Bearer TOKEN`).
 
+`list` follows ListSessions' pages to the end and shows every session at once.
+
 Exit status: 0 on success, 1 when the relay answers with an error (printed as
-`error: CODE: message`, then one line per field violation), 2 for a usage error, 130 on Ctrl-C.
+`error: CODE: message [REASON]`, then one line per field violation, failed precondition or retry
+hint), 2 for a usage error, 130 on Ctrl-C.
 Uses the stubs generated into the installed relay_server package (`pip install -e .`).
 """
 
@@ -235,18 +238,35 @@ def metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def report_error(error: grpc.RpcError, stream: TextIO) -> None:
-    """`error: CODE: message`, then any google.rpc.BadRequest field violations, one a line."""
+    """`error: CODE: message [REASON]` (the reason from google.rpc.ErrorInfo), then the field
+    violations (BadRequest), failed preconditions (PreconditionFailure) and retry hint
+    (RetryInfo), one a line."""
     code = error.code() if isinstance(error, grpc.Call) else None
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     name = code.name if code is not None else "UNKNOWN"
-    print(f"error: {name}: {details}", file=stream)
     status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    lines: list[str] = []
+    reason = ""
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = f" [{info.reason}]"
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
-            for violation in bad.field_violations:
-                print(f"  {violation.field}: {violation.description}", file=stream)
+            lines += [f"  {violation.field}: {violation.description}" for violation in bad.field_violations]
+        elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            lines += [f"  {v.type} {v.subject}: {v.description}" for v in failure.violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            lines.append(f"  retry in {retry.retry_delay.ToNanoseconds() / 1e9:g} s")
+    print(f"error: {name}: {details}{reason}", file=stream)
+    for line in lines:
+        print(line, file=stream)
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -296,9 +316,9 @@ def sessions_table(sessions: Iterable[pb.Session]) -> str:
                 state_name(session.state),
                 age(session, now),
                 f"{config.width or 512}x{config.height or 512}",
-                f"{stats.decoded_fps:.1f}/{stats.encoded_fps:.1f}",
+                f"{stats.decoded_fps:.1f}/{stats.published_fps:.1f}",
                 millis(stats.latency.p50),
-                str(stats.frames_encoded),
+                str(stats.frames_published),
                 session.reason or "-",
             ]
         )
@@ -347,10 +367,10 @@ def watch_line(session: pb.Session) -> str:
         session.session_id,
         state_name(session.state),
         f"fps dec={stats.decoded_fps:.1f} sent={stats.sent_fps:.1f} "
-        f"ret={stats.returned_fps:.1f} enc={stats.encoded_fps:.1f}",
+        f"ret={stats.returned_fps:.1f} enc={stats.encoded_fps:.1f} pub={stats.published_fps:.1f}",
         f"latency p50={millis(latency.p50)} p95={millis(latency.p95)} p99={millis(latency.p99)}",
         f"frames dec={stats.frames_decoded} sent={stats.frames_sent} "
-        f"ret={stats.frames_returned} enc={stats.frames_encoded}",
+        f"ret={stats.frames_returned} enc={stats.frames_encoded} pub={stats.frames_published}",
         f"queues {queues or 'none'}",
         f"drops {drops}",
         f"reconnects={stats.reconnects}",
@@ -374,10 +394,16 @@ def watch_block(session: pb.Session, server: str) -> str:
         f"   out {stats.output_path or '-'} ({stats.output_path_reason or '-'})",
         "",
     ]
-    fps = (stats.decoded_fps, stats.sent_fps, stats.returned_fps, stats.encoded_fps)
-    frames = (stats.frames_decoded, stats.frames_sent, stats.frames_returned, stats.frames_encoded)
+    fps = (stats.decoded_fps, stats.sent_fps, stats.returned_fps, stats.encoded_fps, stats.published_fps)
+    frames = (
+        stats.frames_decoded,
+        stats.frames_sent,
+        stats.frames_returned,
+        stats.frames_encoded,
+        stats.frames_published,
+    )
     stages = [
-        ["", "DECODED", "SENT", "RETURNED", "ENCODED"],
+        ["", "DECODED", "SENT", "RETURNED", "ENCODED", "PUBLISHED"],
         ["fps", *(f"{value:.1f}" for value in fps)],
         ["frames", *(str(value) for value in frames)],
     ]
@@ -416,6 +442,21 @@ def watch(stub: pb_grpc.RelayServiceStub, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- list ------------------------------------------------------------------------------------------
+
+
+def list_sessions(stub: pb_grpc.RelayServiceStub, options: dict[str, Any]) -> pb.ListSessionsResponse:
+    """Every session, page after page (each page is one ListSessions call under the deadline)."""
+    listing = pb.ListSessionsResponse()
+    token = ""
+    while True:
+        page = stub.ListSessions(pb.ListSessionsRequest(page_token=token), **options)
+        listing.sessions.extend(page.sessions)
+        token = page.next_page_token
+        if not token:
+            return listing
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -448,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
             "start": lambda: stub.StartSession(start_request(args), **options),
             "stop": lambda: stub.StopSession(pb.StopSessionRequest(session_id=args.session_id), **options),
             "get": lambda: stub.GetSession(pb.GetSessionRequest(session_id=args.session_id), **options),
-            "list": lambda: stub.ListSessions(pb.ListSessionsRequest(), **options),
+            "list": lambda: list_sessions(stub, options),
             "update": lambda: stub.UpdateSession(update_request(args), **options),
         }
         show(args, calls[args.command]())

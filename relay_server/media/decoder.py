@@ -247,6 +247,13 @@ class Decoder:
         self.splitter_stats = splitter.stats
         source = _Source(self._queue, splitter, self._split)
         program = source.find_program(PROGRAM_SEARCH)
+        if not splitter.stats.packets and splitter.stats.bytes:
+            # Not one TS packet: libavformat would search the input for one for as long as it lasts.
+            self.stats.bytes_read = self._queue.bytes_out
+            raise InputError(
+                f"the input is not MPEG-TS: no TS packet (sync byte 0x47 every 188 bytes) in its "
+                f"first {splitter.stats.bytes} bytes"
+            )
         if program is not None and program.h264:
             self._split_video(source, program)
         else:  # no PMT, no video in it, or not H.264: libavformat demuxes it all, as it is

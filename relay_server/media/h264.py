@@ -340,13 +340,17 @@ def declared_frame_rate(access_unit: bytes) -> Fraction | None:
 
 def with_frame_rate(access_unit: bytes, rate: Fraction) -> bytes:
     """`access_unit` (Annex B) with every SPS in it declaring `rate` frames per second in its VUI
-    timing info (added when it has none); the unit itself when none needs changing."""
+    timing info (added when it has none); the unit itself when none needs changing. An SPS that
+    does not parse is left as it is: its decoder rejects it either way."""
     pieces, last = [], 0
     for kind, start, end in _scan(access_unit):
         if kind != NAL_SPS:
             continue
         nal = access_unit[start:end]
-        retimed = _retime_sps(nal, rate)
+        try:
+            retimed = _retime_sps(nal, rate)
+        except ValueError:
+            continue
         if retimed != nal:
             pieces += [access_unit[last:start], retimed]
             last = end

@@ -41,7 +41,7 @@ CAPACITY = 32
 class Taken(NamedTuple):
     item: av.VideoFrame | av.Packet
     fresh: bool  # False: the current one again (the input stalled)
-    ready: float  # clock time the decode thread handed it over (a unit: when it was taken)
+    ready: float  # clock time the decode thread handed it over
 
 
 class FrameQueue:
@@ -184,11 +184,11 @@ class FrameQueue:
                 self._unit_last = False
                 self._cond.notify()
                 return Taken(frame, True, ready)
-        unit = units.take() if units is not None and head is not None else None
-        if unit is None:
+        taken = units.take_timed() if units is not None and head is not None else None
+        if taken is None:
             return None
         self._unit_last = True
-        return Taken(unit, True, time.monotonic())
+        return Taken(taken[0], True, taken[1])
 
     def release(self) -> None:
         """Any thread: put() returns at once from now on (nobody takes frames any more)."""

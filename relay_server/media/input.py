@@ -131,7 +131,7 @@ class MediaInput:
         self._ended = loop.create_future()
         source = self._source
         if isinstance(source, str):
-            source = self._subscriber = Subscriber(source)
+            source = self._subscriber = Subscriber(source, startup_grace=settings.startup_grace())
         self._decoder.start()
         self._feeding = loop.create_task(
             feed(source, self._queue, self.feed_stats, self._on_chunk, self._on_start),

@@ -27,7 +27,8 @@ its packets, lost TS sync, a PES cut short of its PES_packet_length, a payload t
 with a PES header. A gap just before a payload_unit_start is not held against the PES before it:
 trickle segments each come from a fresh muxer, whose counters start again at 0 (libavformat
 delivers that PES too); if it was in fact cut short, the decoder sees it. Nothing the input holds
-makes the splitter raise.
+makes the splitter raise, and what it holds between feeds is bounded (MAX_HELD): a PES that
+grows past MAX_PES is dropped as damaged.
 
 Plain Python on bytes, with a fast path for the packets in the middle of a PES: 2.4–3.8 ms of CPU
 per MB (0.45–0.7 µs a TS packet, fed 64 KiB or 188 bytes at a time), 0.04 ms per 1280×720 frame at
@@ -45,6 +46,15 @@ H264 = 0x1B  # stream_type of H.264 video in a PMT
 VIDEO_TYPES = frozenset({0x01, 0x02, 0x10, 0x1B, 0x24, 0x33, 0x42, 0xD1, 0xEA})
 WRAP = 1 << 33  # PTS and DTS are 33-bit
 WRAP_MARGIN = 60 * 90_000  # libavformat: the wrap reference is 60 s before the first timestamp
+# A video PES longer than this is dropped (Damage "PES over ... bytes"): a PES of unknown length
+# otherwise grows for as long as packets continue it. 8 MiB is several times an IDR of a 4K
+# stream at a broadcast bitrate; libavformat itself cuts an unbounded PES at 200 KiB.
+MAX_PES = 8 << 20
+MAX_SECTION = 3 + 0xFFF  # a PSI section's header and its 12-bit section_length
+# What a splitter holds between feeds at most (held_bytes): the PES in progress, with the packet
+# that overran it; a section in progress and the last one kept, for the PAT and for the PMT; an
+# incomplete TS packet and the packet kept to check the next feed's sync.
+MAX_HELD = MAX_PES + PACKET + 4 * MAX_SECTION + 2 * PACKET
 # stream_ids whose PES has no optional header (program_stream_map, padding, private_stream_2, ECM,
 # EMM, DSMCC, H.222.1 type E, program_stream_directory): the payload follows the 6-byte header.
 _NO_HEADER_IDS = frozenset({0xBC, 0xBE, 0xBF, 0xF0, 0xF1, 0xF2, 0xF8, 0xFF})
@@ -177,6 +187,17 @@ class VideoSplitter:
         self._wrap_add = True
         self._out: list[AccessUnit | Damage] = []
 
+    @property
+    def held_bytes(self) -> int:
+        """The bytes the splitter holds between feeds (at most MAX_HELD)."""
+        return (
+            len(self._rest)
+            + len(self._last)
+            + (len(self._pes.data) if self._pes is not None else 0)
+            + sum(len(section.data) for section in self._sections.values())
+            + sum(len(raw) for raw in self._last_sections.values())
+        )
+
     # -- input -------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[AccessUnit | Damage]:
@@ -209,6 +230,7 @@ class VideoSplitter:
                         and pes.length == -2  # in a PES of unknown length, past its header
                         and pes.header >= 0
                         and control & 0x0F == (self._cc + 1) & 0x0F  # type: ignore[operator]
+                        and len(pes.data) < MAX_PES
                     ):
                         # The bulk of the packets, the middle of a PES: its payload, nothing to decide.
                         self._cc = control & 0x0F
@@ -327,6 +349,9 @@ class VideoSplitter:
                 self._drop("continuity gap", end)
                 return
             pes.data += buf[start : at + PACKET]
+            if len(pes.data) > MAX_PES:
+                self._drop(f"PES over {MAX_PES} bytes", end)
+                return
         else:
             if self._cut_by_stuffing and not gap:
                 # Stuffing in a packet that was not the PES's last: the unit went out cut short.
@@ -464,18 +489,22 @@ class VideoSplitter:
                 if number:
                     pmt_pid = (section[at + 2] & 0x1F) << 8 | section[at + 3]
                     if pmt_pid != self._pmt_pid:
-                        self._pmt_pid = pmt_pid
-                        self._sections.pop(pmt_pid, None)
-                        self._last_sections.pop(pmt_pid, None)
+                        # Only the PAT's and the current PMT's sections are kept: a PAT that
+                        # points somewhere new each time must not pile up the old ones.
+                        old, self._pmt_pid = self._pmt_pid, pmt_pid
+                        for stale in (old, pmt_pid):
+                            if stale:  # never PID 0, the PAT's own
+                                self._sections.pop(stale, None)
+                                self._last_sections.pop(stale, None)
                     return
         elif pid == self._pmt_pid and table == 0x02:
             self._pmt(pid, section, end)
 
     def _pmt(self, pid: int, section: bytes, end: int) -> None:
-        end = len(section) - 4
+        streams_end = len(section) - 4  # the CRC_32 follows the stream loop
         at = 12 + ((section[10] & 0x0F) << 8 | section[11])
         streams: list[tuple[int, int]] = []
-        while at + 5 <= end:
+        while at + 5 <= streams_end:
             stream_type = section[at]
             es_pid = (section[at + 1] & 0x1F) << 8 | section[at + 2]
             streams.append((es_pid, stream_type))

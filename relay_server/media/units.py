@@ -9,6 +9,11 @@ falls `capacity` behind, what is queued goes and so does everything up to the ne
 (counted in `dropped`): the picture resumes cleanly one GOP later instead of smearing. With
 `wait=True` (catch-up) put() waits for room instead, and nothing is dropped.
 
+The sender keeps within the session's latency budget by whole GOPs (counted in `late`): a unit
+too late goes with the units before the newest keyframe queued (skip()), or, when none is
+queued yet, with the rest of its GOP (let_gop_go()): a GOP's tail is what no later picture
+refers to, so what is sent of it stays whole.
+
 After the consumer repeated the last keyframe (the input stalled and the processor must keep
 seeing frames), the units that follow refer to pictures the processor no longer holds last:
 resume_at_keyframe() makes the queue skip to the next keyframe too.
@@ -17,6 +22,7 @@ resume_at_keyframe() makes the queue skip to the next keyframe too.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -38,11 +44,14 @@ class AccessUnits:
         self.wait = wait
         self.put_count = 0  # units handed over by the decode thread
         self.taken = 0
-        self.dropped = 0  # units let go: overflow, or waiting for a keyframe
+        self.dropped = 0  # units let go: overflow, or waiting for a keyframe after a repeat
+        self.late = 0  # units let go: the sender was more than the latency budget behind
+        self.late_gops = 0  # GOPs whose tail went late (let_gop_go())
         self.last_keyframe: av.Packet | None = None  # the newest keyframe taken
         self._cond = threading.Condition()
-        self._units: deque[av.Packet] = deque()
+        self._units: deque[tuple[av.Packet, float]] = deque()  # and when each was put
         self._skipping = False  # until the next keyframe
+        self._skipping_late = False  # and the units skipped count as late
         self._released = False
         self._ready: Callable[[], object] | None = None
 
@@ -53,24 +62,34 @@ class AccessUnits:
     def head(self) -> av.Packet | None:
         """The oldest unit queued, the one take() gives next, if any."""
         with self._cond:
-            return self._units[0] if self._units else None
+            return self._units[0][0] if self._units else None
 
     @property
     def newest_keyframe(self) -> int | None:
         """How many units come before the newest keyframe queued (None: none is queued)."""
         with self._cond:
             for position in range(len(self._units) - 1, -1, -1):
-                if self._units[position].is_keyframe:
+                if self._units[position][0].is_keyframe:
                     return position
             return None
 
     def skip(self, count: int) -> None:
-        """Drop the `count` oldest units (up to a keyframe: the picture resumes there), counted."""
+        """Let the `count` oldest units go as late (up to a keyframe: the picture resumes there)."""
         with self._cond:
             for _ in range(min(count, len(self._units))):
                 self._units.popleft()
-                self.dropped += 1
+                self.late += 1
             self._cond.notify()
+
+    def let_gop_go(self) -> None:
+        """Let the rest of the current GOP go as late: what is queued, and what follows up to
+        the next keyframe."""
+        with self._cond:
+            self.late += len(self._units)
+            self.late_gops += 1
+            self._units.clear()
+            self._skipping = self._skipping_late = True
+            self._cond.notify_all()
 
     def set_ready_callback(self, callback: Callable[[], object] | None) -> None:
         """Called on the decode thread after every put() that queued a unit."""
@@ -85,37 +104,46 @@ class AccessUnits:
                     return
             self.put_count += 1
             if self._skipping and not unit.is_keyframe:
-                self.dropped += 1
+                if self._skipping_late:
+                    self.late += 1
+                else:
+                    self.dropped += 1
                 return
-            self._skipping = False
+            self._skipping = self._skipping_late = False
             if len(self._units) >= self.capacity:
                 self.dropped += len(self._units)
                 self._units.clear()
                 if not unit.is_keyframe:
                     self.dropped += 1
-                    self._skipping = True
+                    self._skipping, self._skipping_late = True, False
                     return
-            self._units.append(unit)
+            self._units.append((unit, time.monotonic()))
         if self._ready is not None:
             self._ready()
 
     def take(self) -> av.Packet | None:
         """On the loop: the oldest unit, or None."""
+        taken = self.take_timed()
+        return taken[0] if taken is not None else None
+
+    def take_timed(self) -> tuple[av.Packet, float] | None:
+        """On the loop: the oldest unit and the clock time it was put, or None."""
         with self._cond:
             if not self._units:
                 return None
-            unit = self._units.popleft()
+            unit, put_at = self._units.popleft()
             self.taken += 1
             if unit.is_keyframe:
                 self.last_keyframe = unit
             self._cond.notify()
-            return unit
+            return unit, put_at
 
     def resume_at_keyframe(self) -> None:
         """Drop what is queued and what follows, up to the next keyframe."""
         with self._cond:
             self.dropped += len(self._units)
             self._units.clear()
+            self._skipping_late = self._skipping and self._skipping_late  # late already
             self._skipping = True
             self._cond.notify_all()
 

@@ -1,7 +1,10 @@
 """ProcessorServer: the aiohttp app that speaks ComfyStream's signaling contract.
 
 Routes (each also under /live): POST /offer, POST /prompt, GET /health, GET /streams/stats.
-Failures answer a plain-text 500 with the reason, as ComfyStream does.
+A request that cannot be read answers a plain-text 400 (not JSON, not the expected shape, an
+offer whose SDP cannot be parsed) or 413 (a body over MAX_BODY bytes); a readable request that
+cannot be served (an invalid prompt, an offer without H.264) a plain-text 500 with the reason,
+as ComfyStream does.
 
 One pipeline per server: an offer with prompts replaces the running prompts for every peer that
 brought prompts; an offer without prompts gets a noop (passthrough) peer and leaves them alone.
@@ -10,11 +13,13 @@ brought prompts; an offer without prompts gets a noop (passthrough) peer and lea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from aiortc.sdp import SessionDescription
 
 from relay_server.processor.peer import Peer
 from relay_server.processor.pipeline import Knobs, Pipeline
@@ -22,15 +27,60 @@ from relay_server.serving import bind, until_signalled
 
 log = logging.getLogger(__name__)
 
+# Bytes of a request body at most: aiohttp's default, as ComfyStream runs it, and many times the
+# size of an offer with a workflow.
+MAX_BODY = 1024 * 1024
+
+
+class BadRequest(ValueError):
+    """The request cannot be read: the client's fault, answered with 400."""
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The body as JSON; BadRequest if it is not, HTTPRequestEntityTooLarge over MAX_BODY."""
+    data = await request.read()
+    try:
+        return json.loads(data)
+    except ValueError as error:
+        raise BadRequest(f"the body is not JSON: {error}") from None
+
+
+def _read_offer(body: Any) -> tuple[str, str]:
+    """The offer's SDP and type."""
+    if not isinstance(body, dict) or not isinstance(body.get("offer"), dict):
+        raise BadRequest('the body must be {"offer": {"sdp", "type"}, ...}')
+    offer = body["offer"]
+    sdp, kind = offer.get("sdp"), offer.get("type")
+    if not isinstance(sdp, str) or kind != "offer":
+        raise BadRequest('"offer" needs an "sdp" string and "type": "offer"')
+    return sdp, kind
+
+
+def _check_sdp(sdp: str) -> None:
+    """BadRequest unless `sdp` parses as a description with media."""
+    # aiortc's parser takes anything, garbage included, as an SDP without media.
+    try:
+        media = SessionDescription.parse(sdp).media if sdp.startswith("v=") else []
+    except Exception as error:  # aiortc raises assorted errors on bad SDP
+        raise BadRequest(f"the offer's SDP could not be parsed: {error}") from None
+    if not media:
+        raise BadRequest("the offer's SDP could not be parsed: no v= line or no media section (m=)")
+
+
+def _too_large() -> web.Response:
+    return web.Response(
+        status=413, text=f"the body is larger than {MAX_BODY} bytes, the most this processor takes"
+    )
+
 
 def _resolution(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError(f"resolution must be an object with width and height, got {value!r}")
+        raise BadRequest(f"resolution must be an object with width and height, got {value!r}")
     width, height = value.get("width"), value.get("height")
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-        raise ValueError(f"resolution needs positive integer width and height, got {value!r}")
+        raise BadRequest(f"resolution needs positive integer width and height, got {value!r}")
     return width, height
 
 
@@ -48,7 +98,7 @@ class ProcessorServer:
         self._prompts_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY)
         for prefix in ("", "/live"):
             app.router.add_post(f"{prefix}/offer", self._offer)
             app.router.add_post(f"{prefix}/prompt", self._prompt)
@@ -79,17 +129,19 @@ class ProcessorServer:
         return {track_id: stats for peer in self.peers for track_id, stats in peer.stats().items()}
 
     async def _offer(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _json_body(request)
+            sdp, kind = _read_offer(body)
+            resolution = _resolution(body.get("resolution"))
+            _check_sdp(sdp)
+            prompts = body.get("prompts")
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large()
+        except BadRequest as error:
+            log.warning("offer refused: %s", error)
+            return web.Response(status=400, text=str(error))
         peer: Peer | None = None
         try:
-            body = await request.json()
-            if not isinstance(body, dict) or not isinstance(body.get("offer"), dict):
-                raise ValueError('the body must be {"offer": {"sdp", "type"}, ...}')
-            offer = body["offer"]
-            sdp, kind = offer.get("sdp"), offer.get("type")
-            if not isinstance(sdp, str) or kind != "offer":
-                raise ValueError('"offer" needs an "sdp" string and "type": "offer"')
-            prompts = body.get("prompts")
-            resolution = _resolution(body.get("resolution"))
             if prompts:
                 async with self._prompts_lock:
                     await self.pipeline.set_prompts(prompts, resolution)
@@ -99,7 +151,7 @@ class ProcessorServer:
             self.peers.append(peer)
             answer = await peer.answer(sdp, kind)
         except ValueError as error:
-            # PromptError, OfferError, JSON errors: the request's fault, said as it is.
+            # PromptError, OfferError: the request's fault, said as it is.
             log.warning("offer refused: %s", error)
             if peer is not None:
                 await peer.close()
@@ -113,7 +165,12 @@ class ProcessorServer:
 
     async def _prompt(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
+            body = await _json_body(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large()
+        except BadRequest as error:
+            return web.Response(status=400, text=str(error))
+        try:
             async with self._prompts_lock:
                 await self.pipeline.set_prompts(body)
         except ValueError as error:

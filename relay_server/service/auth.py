@@ -3,7 +3,8 @@
     RelayServer(manager, interceptors=[BearerTokenInterceptor(token)])
 
 Every relay.v1.RelayService call must carry `authorization: Bearer <token>` metadata; a missing,
-malformed or wrong one ends the call with UNAUTHENTICATED and a message saying which. Health
+malformed or wrong one ends the call with UNAUTHENTICATED, a message saying which and ErrorInfo
+(reason UNAUTHENTICATED), as every error of the relay. Health
 and reflection stay open, so that load balancers and grpcurl's discovery work without the token.
 Tokens are compared with hmac.compare_digest (no timing hint of how much of a guess was right).
 """
@@ -16,8 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from grpc_status import rpc_status
 
+from relay_server.errors import Unauthenticated
 from relay_server.service.server import SERVICE_NAME
+from relay_server.service.servicer import to_status
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
     """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
 
     async def deny(context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort_with_status(rpc_status.to_status(to_status(Unauthenticated(message))))
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await deny(context)

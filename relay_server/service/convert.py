@@ -83,24 +83,25 @@ def to_config(request: pb.StartSessionRequest) -> SessionConfig:
         encoder=EncoderSettings(
             preset=encoder.preset or defaults.preset,
             bitrate=encoder.bitrate or defaults.bitrate,
-            gop=encoder.gop.ToTimedelta().total_seconds() if encoder.HasField("gop") else defaults.gop,
+            gop=seconds(encoder.gop) if encoder.HasField("gop") else defaults.gop,
             fps=defaults.fps,
         ),
         scale_mode=scale_mode,
         allow_shared_processor=request.allow_shared_processor,
         fill=fill,
         offer_timeout=(
-            request.offer_timeout.ToTimedelta().total_seconds()
-            if request.HasField("offer_timeout")
-            else DEFAULT_OFFER_TIMEOUT
+            seconds(request.offer_timeout) if request.HasField("offer_timeout") else DEFAULT_OFFER_TIMEOUT
         ),
         mode=mode,
         latency_budget=(
-            request.latency_budget.ToTimedelta().total_seconds()
-            if request.HasField("latency_budget")
-            else LATENCY_BUDGET
+            seconds(request.latency_budget) if request.HasField("latency_budget") else LATENCY_BUDGET
         ),
     )
+
+
+def seconds(duration: Duration) -> float:
+    """A Duration in seconds, whatever its values (ToTimedelta overflows on huge ones)."""
+    return duration.seconds + duration.nanos / 1e9
 
 
 def to_dicts(structs: Any) -> list[dict[str, Any]]:
@@ -155,6 +156,7 @@ def to_session(snapshot: SessionSnapshot) -> pb.Session:
             sent_fps=rates.sent,
             returned_fps=rates.returned,
             encoded_fps=rates.encoded,
+            published_fps=rates.published,
             segments_in_per_second=rates.segments_in,
             segments_out_per_second=rates.segments_out,
             bytes_in=stats.decoder.bytes_read,
@@ -163,6 +165,7 @@ def to_session(snapshot: SessionSnapshot) -> pb.Session:
             frames_sent=link.send.frames,
             frames_returned=stats.frames_returned,
             frames_encoded=stats.frames_encoded,
+            frames_published=stats.frames_published,
             latency=pb.LatencyStats(
                 p50=_duration(link.latency_p50),
                 p95=_duration(link.latency_p95),
@@ -174,7 +177,7 @@ def to_session(snapshot: SessionSnapshot) -> pb.Session:
             webrtc_state=link.peer_state or link.state.value,
             fast_path=stats.implementation,
             frames_filled=stats.frames_filled,
-            reconnects=link.losses,
+            reconnects=stats.reconnects,
             segments_in=stats.feed.segments,
             segments_out=stats.sink.segments,
             send_path=stats.paths.send,

@@ -213,7 +213,8 @@ class SessionCollector(Collector):
                 ("decoded", "decoded from the input channel"),
                 ("sent", "sent to the processor, fresh and repeated"),
                 ("returned", "returned by the processor"),
-                ("encoded", "encoded into the output channel, returned and filled"),
+                ("encoded", "encoded here for the output channel, returned and filled"),
+                ("published", "written to the output channel: encoded, remuxed and filled"),
             )
         }
         segments = {
@@ -271,6 +272,7 @@ class SessionCollector(Collector):
             frames["sent"].add_metric(key, stats.link.send.frames)
             frames["returned"].add_metric(key, stats.frames_returned)
             frames["encoded"].add_metric(key, stats.frames_encoded)
+            frames["published"].add_metric(key, stats.frames_published)
             segments["in"].add_metric(key, stats.feed.segments)
             segments["out"].add_metric(key, stats.sink.segments)
             for quantile, seconds in (("0.5", stats.link.latency_p50), ("0.99", stats.link.latency_p99)):
@@ -282,7 +284,7 @@ class SessionCollector(Collector):
             for reason, count in stats.drops.items():
                 drops.add_metric([*key, reason], count)
             connections.add_metric(key, stats.link.connections)
-            reconnects.add_metric(key, max(0, stats.link.connections - 1))
+            reconnects.add_metric(key, stats.reconnects)
             losses.add_metric(key, stats.link.losses)
             for leg, path, ways in (
                 ("send", stats.paths.send, ("forward", "encode")),

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.service.servicer import RelayServicer
+from relay_server.serving import listen_error
 from relay_server.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,13 @@ class RelayServer:
         reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.host}:{self.port}"
-        if self._credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, self._credentials)
+        try:
+            if self._credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self._credentials)
+        except RuntimeError as error:  # gRPC's, which names no cause
+            raise listen_error(self.host, self.port, error) from error
         await server.start()
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -1,42 +1,47 @@
 """RelayServicer: RelayService's RPCs, thin: proto in, SessionManager, proto out.
 
-Errors follow the gRPC error model, with google.rpc details where they help a caller fix the
-request: INVALID_ARGUMENT (BadRequest field violations), PERMISSION_DENIED (a host outside the
-allow-list, also with field violations), NOT_FOUND, ALREADY_EXISTS, RESOURCE_EXHAUSTED,
-FAILED_PRECONDITION (a processor in use, a session that has ended), UNAVAILABLE (draining, or
-the processor is not connected right now: worth a retry).
+Every request is bounded (bounds.py) and checked before anything acts on it. Errors are the
+relay's own (relay_server.errors.RelayError), turned into a google.rpc.Status here and nowhere
+else: the code the error names, its message, and details (ErrorInfo on every error; BadRequest,
+RetryInfo or PreconditionFailure where the error carries them). Anything else that escapes a
+handler is a fault of the relay: INTERNAL with ErrorInfo, and its traceback in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
-from relay_server.service.convert import to_config, to_dicts, to_session, to_structs
-from relay_server.session.config import ConfigError, FieldViolation, HostNotAllowed, resize_problem
-from relay_server.session.manager import (
-    LimitReached,
-    NotAccepting,
-    ProcessorBusy,
-    SessionExists,
-    SessionManager,
-    SessionNotFound,
+from relay_server.errors import (
+    DOMAIN,
+    ConfigError,
+    FieldViolation,
+    NotResizable,
+    Precondition,
+    RelayError,
+    SessionEnded,
 )
+from relay_server.service import bounds, pages
+from relay_server.service.convert import seconds, to_config, to_dicts, to_session, to_structs
+from relay_server.session.config import resize_problem
+from relay_server.session.manager import SessionManager
 from relay_server.session.paths import VideoMode
-from relay_server.webrtc.control import ControlError, ControlRejected
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds, when the request leaves it unset
 WATCH_LIMITS = (0.1, 60.0)
+PAUSE_ACTIONS = (pb.PAUSE_ACTION_UNSPECIFIED, pb.PAUSE_ACTION_PAUSE, pb.PAUSE_ACTION_RESUME)
 
 
 class RelayServicer(pb_grpc.RelayServiceServicer):
@@ -46,106 +51,94 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def StartSession(
         self, request: pb.StartSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartSessionResponse:
-        try:
-            snapshot = self.manager.start(to_config(request))
-        except HostNotAllowed as error:
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(error), error.violations)
-        except ConfigError as error:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), error.violations)
-        except SessionExists as error:
-            await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(error))
-        except LimitReached as error:
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        except ProcessorBusy as error:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except NotAccepting as error:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+        async with _reported(context):
+            bounds.check_prompts(request.prompts)
+            snapshot = await self.manager.start(to_config(request))
         return pb.StartSessionResponse(session=to_session(snapshot))
 
     async def StopSession(
         self, request: pb.StopSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopSessionResponse:
-        try:
+        async with _reported(context):
+            bounds.check_session_id(request.session_id)
             snapshot = await self.manager.stop(request.session_id)
-        except SessionNotFound as error:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, error.args[0])
         return pb.StopSessionResponse(session=to_session(snapshot))
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSessionResponse:
-        try:
+        async with _reported(context):
+            bounds.check_session_id(request.session_id)
             session = self.manager.get(request.session_id)
-        except SessionNotFound as error:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, error.args[0])
         return pb.GetSessionResponse(session=to_session(session.snapshot()))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        return pb.ListSessionsResponse(sessions=[to_session(s) for s in self.manager.snapshots()])
+        async with _reported(context):
+            size = pages.page_size(request.page_size)
+            after = pages.decode_token(request.page_token, self.manager.epoch, self.manager.last_position)
+        entries = [
+            (position, lambda session=session: to_session(session.snapshot()))
+            for position, session in self.manager.listing(after)
+        ]
+        sessions, last = pages.take_page(entries, size)
+        token = "" if last is None else pages.encode_token(self.manager.epoch, last)
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateSessionResponse:
-        if (request.width == 0) != (request.height == 0):
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "width and height go together",
-                [FieldViolation("width" if request.width == 0 else "height", "set both or neither")],
-            )
-        requests = _control_requests(request)
-        if not requests:
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "nothing to update: give prompts, width and height, or pause",
-                [FieldViolation("prompts", "empty, and no other field set either")],
-            )
-        try:
+        async with _reported(context):
+            _check_update(request)
             session = self.manager.get(request.session_id)
+            subject = f"sessions/{request.session_id}"
             if session.state.ended:
-                await _abort(
-                    context, grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id!r} has ended"
+                raise SessionEnded(
+                    f"session {request.session_id!r} has ended",
+                    precondition=Precondition(
+                        "SESSION_ACTIVE", subject, f"the session is {session.state.value}"
+                    ),
                 )
             if request.width:
                 problem = resize_problem(session.config, request.width, request.height)
                 if session.config.mode is VideoMode.PASSTHROUGH:
-                    await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
-                if problem:
-                    await _abort(
-                        context, grpc.StatusCode.INVALID_ARGUMENT, problem, [FieldViolation("width", problem)]
+                    raise NotResizable(
+                        problem, precondition=Precondition("SESSION_RESIZABLE", subject, problem)
                     )
-            replies = await self.manager.update(request.session_id, requests)
-        except SessionNotFound as error:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, error.args[0])
-        except ControlRejected as error:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except ControlError as error:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+                if problem:
+                    raise ConfigError([FieldViolation("width", problem)], message=problem)
+            replies = await self.manager.update(request.session_id, _control_requests(request))
         return pb.UpdateSessionResponse(session=to_session(session.snapshot()), replies=to_structs(replies))
 
     async def WatchSession(
         self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchSessionResponse]:
-        interval = WATCH_INTERVAL
-        if request.HasField("interval"):
-            interval = request.interval.ToTimedelta().total_seconds()
-            low, high = WATCH_LIMITS
-            if not low <= interval <= high:
-                await _abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"interval must be {low:g}..{high:g} s",
-                    [FieldViolation("interval", f"{interval:g} s is out of range")],
-                )
-        try:
+        async with _reported(context):
+            bounds.check_session_id(request.session_id)
+            interval = WATCH_INTERVAL
+            if request.HasField("interval"):
+                interval = seconds(request.interval)
+                low, high = WATCH_LIMITS
+                if not low <= interval <= high:
+                    problem = FieldViolation("interval", f"{interval:g} s is out of range")
+                    raise ConfigError([problem], message=f"interval must be {low:g}..{high:g} s")
             snapshots = self.manager.watch(request.session_id, interval)
-        except SessionNotFound as error:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, error.args[0])
-        async for snapshot in snapshots:
-            yield pb.WatchSessionResponse(session=to_session(snapshot))
+            async for snapshot in snapshots:
+                yield pb.WatchSessionResponse(session=to_session(snapshot))
+
+
+def _check_update(request: pb.UpdateSessionRequest) -> None:
+    bounds.check_session_id(request.session_id)
+    bounds.check_prompts(request.prompts)
+    if request.pause not in PAUSE_ACTIONS:
+        raise ConfigError([FieldViolation("pause", f"unknown value {request.pause}")])
+    if (request.width == 0) != (request.height == 0):
+        problem = FieldViolation("width" if request.width == 0 else "height", "set both or neither")
+        raise ConfigError([problem], message="width and height go together")
+    if not _control_requests(request):
+        problem = FieldViolation("prompts", "empty, and no other field set either")
+        raise ConfigError([problem], message="nothing to update: give prompts, width and height, or pause")
 
 
 def _control_requests(request: pb.UpdateSessionRequest) -> list[dict[str, Any]]:
@@ -161,24 +154,48 @@ def _control_requests(request: pb.UpdateSessionRequest) -> list[dict[str, Any]]:
     return requests
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext,
-    code: grpc.StatusCode,
-    message: str,
-    violations: list[FieldViolation] | None = None,
-) -> NoReturn:
-    """End the RPC with `code`, `message` and, for field problems, google.rpc.BadRequest."""
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
-    if violations:
-        detail = any_pb2.Any()
-        detail.Pack(
+@contextlib.asynccontextmanager
+async def _reported(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """End the RPC with the status of a RelayError raised inside, or INTERNAL for anything else."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except RelayError as error:
+        await context.abort_with_status(rpc_status.to_status(to_status(error)))
+    except Exception:
+        log.exception("RelayService call failed")
+        await context.abort_with_status(rpc_status.to_status(to_status(RelayError("internal error"))))
+
+
+def to_status(error: RelayError) -> status_pb2.Status:
+    """The google.rpc.Status a RelayError is reported with: its code and message, ErrorInfo, and
+    BadRequest, RetryInfo or PreconditionFailure when it carries them."""
+    details: list[Message] = []
+    if error.violations:
+        details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in violations
+                    for v in error.violations
                 ]
             )
         )
-        status.details.append(detail)
-    await context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returns only by raising")
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(error.retry_after * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if error.precondition is not None:
+        kind, subject, description = error.precondition
+        violation = error_details_pb2.PreconditionFailure.Violation(
+            type=kind, subject=subject, description=description
+        )
+        details.append(error_details_pb2.PreconditionFailure(violations=[violation]))
+    # ErrorInfo last: a client that reads only the first detail still finds the one for its code.
+    details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message)
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return status

@@ -8,18 +8,30 @@ with one precise error instead of a round trip per mistake.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from relay_server.errors import ConfigError, FieldViolation, HostNotAllowed
 from relay_server.media.encoder import EncoderSettings
 from relay_server.media.scaler import ScaleMode
 from relay_server.media.timeline import LATENCY_BUDGET
 from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode
 
+__all__ = ["ConfigError", "FieldViolation", "HostNotAllowed", "SessionConfig", "check_hosts", "validate"]
+
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+GATEWAY_REQUEST_ID = re.compile(r"[!-~]{0,128}")  # printable ASCII, no spaces
+MAX_URL_LENGTH = 2048  # characters; far beyond any trickle or processor URL
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# A DNS name's label (underscores too: container service names carry them), or an IDN one.
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 X264_PRESETS = (
     "ultrafast",
     "superfast",
@@ -36,21 +48,69 @@ MAX_SIDE = 4096
 DEFAULT_SIZE = 512  # ComfyStream's default resolution
 
 
-class FieldViolation(NamedTuple):
-    field: str  # the request field at fault, e.g. "publish_url" or "encoder.gop"
-    description: str
+class Endpoint(NamedTuple):
+    """A URL taken apart and normalised: the same endpoint however it was spelled."""
+
+    scheme: str
+    host: str  # lower case; an IPv6 address without brackets
+    port: int  # the scheme's default when the URL gives none
+    path: str  # without a trailing slash
+    query: str
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; `violations` says where and why."""
+def parse_url(url: str) -> Endpoint:
+    """The endpoint an http(s) URL names; ValueError saying what is wrong with it."""
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"{len(url)} characters, at most {MAX_URL_LENGTH}")
+    if unicodedata.normalize("NFKC", url) != url:
+        raise ValueError("has characters that NFKC normalisation changes")
+    if any(char.isspace() or unicodedata.category(char).startswith("C") for char in url):
+        raise ValueError("has spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:  # a bad port or bracketed address
+        raise ValueError(f"is not a valid URL ({error})") from None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {_shown(url)}")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry user info (user@ or user:password@)")
+    if "#" in url:
+        raise ValueError("must not have a fragment (#...)")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    host = parts.hostname
+    if not _valid_host(host, bracketed=parts.netloc.startswith("[")):
+        raise ValueError(f"host {_shown(host)} is not a valid host name or address")
+    return Endpoint(
+        parts.scheme, host, port or DEFAULT_PORTS[parts.scheme], parts.path.rstrip("/"), parts.query
+    )
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
-        self.violations = violations
+
+def _valid_host(host: str, *, bracketed: bool) -> bool:
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    labels = host.removesuffix(".").split(".")
+    if labels[-1].isdigit():  # an address, not a name: no top-level domain is all digits
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return len(ascii_host) <= 253 and all(HOST_LABEL.fullmatch(label) for label in ascii_host.split("."))
 
 
-class HostNotAllowed(ConfigError):
-    """A URL names a host outside the relay's allow-list."""
+def _shown(value: str, limit: int = 80) -> str:
+    """`value` quoted for an error message, cut short: messages travel in trailers."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 @dataclass(frozen=True)
@@ -88,6 +148,14 @@ class SessionConfig:
         }
         return {name: url for name, url in named.items() if url}
 
+    @cached_property
+    def weight(self) -> int:
+        """Roughly the bytes this configuration holds (its prompts as compact JSON, its strings):
+        what keeping it costs once its session has ended."""
+        prompts = json.dumps(self.prompts, separators=(",", ":"), ensure_ascii=False)
+        strings = (self.session_id, self.gateway_request_id, *self.urls.values())
+        return len(prompts.encode()) + sum(len(text.encode()) for text in strings)
+
 
 def validate(config: SessionConfig) -> None:
     """Raise ConfigError listing every problem."""
@@ -99,12 +167,18 @@ def validate(config: SessionConfig) -> None:
 
     id_ok = bool(SESSION_ID.fullmatch(config.session_id))
     check(id_ok, "session_id", "use 1-128 letters, digits, '.', '_' or '-'")
+    gateway_ok = bool(GATEWAY_REQUEST_ID.fullmatch(config.gateway_request_id))
+    check(gateway_ok, "gateway_request_id", "use at most 128 printable ASCII characters, no spaces")
     for name in ("subscribe_url", "publish_url", "processor_url"):
         check(bool(getattr(config, name)), name, "required")
+    endpoints: dict[str, Endpoint] = {}
     for name, url in config.urls.items():
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            problems.append(FieldViolation(name, f"must be an http(s) URL with a host, got {url!r}"))
+        try:
+            endpoints[name] = parse_url(url)
+        except ValueError as error:
+            problems.append(FieldViolation(name, str(error)))
+    same_channel = "subscribe_url" in endpoints and endpoints.get("publish_url") == endpoints["subscribe_url"]
+    check(not same_channel, "publish_url", "must differ from subscribe_url: the output would feed the input")
     for side in ("width", "height"):
         value = getattr(config, side)
         check(0 < value <= MAX_SIDE and value % 2 == 0, side, f"must be even, 2..{MAX_SIDE}, got {value}")
@@ -147,13 +221,14 @@ def resize_problem(config: SessionConfig, width: object, height: object) -> str:
 
 
 def check_hosts(config: SessionConfig, allowed_hosts: frozenset[str]) -> None:
-    """Raise HostNotAllowed unless every URL's host is in `allowed_hosts` (empty: any host)."""
+    """Raise HostNotAllowed unless every URL's host is in `allowed_hosts` (empty: any host).
+    The URLs must have passed validate()."""
     if not allowed_hosts:
         return
     problems = [
-        FieldViolation(name, f"host {urlsplit(url).hostname!r} is not in the relay's allow-list")
+        FieldViolation(name, f"host {_shown(parse_url(url).host)} is not in the relay's allow-list")
         for name, url in config.urls.items()
-        if (urlsplit(url).hostname or "").lower() not in allowed_hosts
+        if parse_url(url).host not in allowed_hosts
     ]
     if problems:
         raise HostNotAllowed(problems)

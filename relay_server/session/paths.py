@@ -18,7 +18,9 @@ is decoded instead: forwarded, the processor would have to decode all of it to r
 edge, while decoded, its stale frames are skipped here and only the newest is sent. Forwarding
 begins at the next keyframe that is on time. What the bitstream cannot say is whether the
 processor takes it: a processor that returns nothing of the forwarded input (while it did answer
-the offer) gets the input decoded and encoded from then on.
+the offer) gets the input decoded and encoded from then on; so, in AUTO, does a processor too
+slow for it (the sender let a GOP's tail go late): a forwarded stream can only be thinned by
+whole GOPs, a decoded one frame by frame, each frame sent the newest.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from relay_server.media.h264 import ParameterSets, Qualifier, Verdict
 from relay_server.media.units import AccessUnits
 
 BACKLOG = "joined mid-GOP: the backlog is decoded to reach the live edge; forwarding from the next keyframe"
+TOO_SLOW = (
+    "the processor takes the input more slowly than it comes (forwarded units fell more than the"
+    " latency budget behind): decoded, it is sent the newest frame each time it takes one"
+)
 
 
 class VideoMode(enum.Enum):
@@ -68,6 +74,7 @@ class InputRoute:
         on_verdict: Callable[[Verdict], None],
         *,
         backlog: Callable[[int], bool] | None = None,
+        decode_when_late: bool = False,
     ) -> None:
         self.units = units
         self.skipped = 0
@@ -75,6 +82,7 @@ class InputRoute:
         self._parameter_sets = ParameterSets()
         self._on_verdict = on_verdict
         self._backlog = backlog
+        self._decode_when_late = decode_when_late
         self._forwarding = False  # the qualifier's decision, or the refusal
         self._behind = False  # a backlog GOP qualifies but is decoded
         self._resized: tuple[int, int] | None = None  # the session's new size, from a keyframe on
@@ -93,6 +101,8 @@ class InputRoute:
         self._refused = reason
 
     def __call__(self, packet: av.Packet) -> bool:
+        if packet.is_keyframe and self._decode_when_late and self.units.late_gops and self._refused is None:
+            self._refused = TOO_SLOW  # the late GOP's tail went to the sender, which let it go
         resized = self._resized
         if resized is not None and (packet.is_keyframe or not self._forwarding):
             self._resized = None

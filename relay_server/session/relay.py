@@ -113,9 +113,20 @@ class RelayStats:
     sink: SinkStats = field(default_factory=SinkStats)
     queues: tuple[QueueDepth, ...] = ()  # every bounded hand-off, in data-flow order
     paths: PathStats = field(default_factory=lambda: PathStats("encode", "", "encode", "", 0, 0))
-    units_dropped: int = 0  # input access units not forwarded: the sender fell behind
+    units_dropped: int = 0  # input access units not forwarded: the queue overflowed, or a repeat
+    units_late: int = 0  # input access units not forwarded: more than the latency budget behind
     timeline: TimelineStats = field(default_factory=TimelineStats)
     returns_behind: int = 0  # returned frames not after the last one output, let go
+
+    @property
+    def frames_published(self) -> int:
+        """Video frames written to the output, whichever path made them (encoded, remuxed, filled)."""
+        return self.segmenter.video_packets
+
+    @property
+    def reconnects(self) -> int:
+        """Processor connections made after the first one: each follows a loss."""
+        return max(0, self.link.connections - 1)
 
     @property
     def drops(self) -> dict[str, int]:
@@ -124,7 +135,8 @@ class RelayStats:
             "input_corrupt": self.decoder.corrupt_packets,
             "input_units": self.units_dropped + self.paths.units_skipped,  # to resume at a keyframe
             "join_skipped": self.timeline.join_skipped,  # the backlog of a join, skipped to the live edge
-            "late": self.timeline.late,  # would have left more than the latency budget behind
+            # Would have left more than the latency budget behind (forwarded: whole GOP tails).
+            "late": self.timeline.late + self.units_late,
             "input_overflow": self.frames_dropped,  # the hand-off to the sender overflowed
             "rate_capped": self.link.send.rate_capped,  # max_fps
             "processor_lost": self.link.send.presumed_lost,  # sent, never came back
@@ -212,6 +224,7 @@ class Relay:
                 self._on_verdict,
                 # A passthrough session forwards a join backlog too: it must not decode.
                 backlog=self._timeline.backlog if video_mode is VideoMode.AUTO else None,
+                decode_when_late=video_mode is VideoMode.AUTO,
             )
             if self._units is not None
             else None
@@ -293,6 +306,7 @@ class Relay:
                 self._route.skipped if self._route is not None else 0,
             ),
             units_dropped=self._units.dropped if self._units is not None else 0,
+            units_late=self._units.late if self._units is not None else 0,
             timeline=copy.copy(self._timeline.stats),
             returns_behind=self._returns_behind,
         )

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from relay_server.media.decoder import InputError
+from relay_server.media.feeder import InputNotFound
 from relay_server.session.config import SessionConfig, resize_problem
 from relay_server.session.control import relay_control
 from relay_server.session.messages import MessageChannel
@@ -75,6 +77,7 @@ class Rates:
     encoded: float = 0.0
     segments_in: float = 0.0
     segments_out: float = 0.0
+    published: float = 0.0  # video frames written to the output, on every path
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ class Session:
             await self.relay.run()
         except Exception as error:
             log.warning("session %s failed: %s", config.session_id, error)
-            self._set_state(SessionState.FAILED, f"{type(error).__name__}: {error}")
+            self._set_state(SessionState.FAILED, failure_reason(error))
         finally:
             for task in helpers:
                 task.cancel()
@@ -274,8 +277,16 @@ class Session:
             "state": snapshot.state.value,
             "reason": snapshot.reason,
             "timestamp": datetime.now(UTC).isoformat(),
-            "fps": {"decoded": snapshot.rates.decoded, "returned": snapshot.rates.returned},
-            "frames": {"decoded": stats.frames_decoded, "returned": stats.frames_returned},
+            "fps": {
+                "decoded": snapshot.rates.decoded,
+                "returned": snapshot.rates.returned,
+                "published": snapshot.rates.published,
+            },
+            "frames": {
+                "decoded": stats.frames_decoded,
+                "returned": stats.frames_returned,
+                "published": stats.frames_published,
+            },
             "latency_ms": {"p50": _ms(stats.link.latency_p50), "p99": _ms(stats.link.latency_p99)},
         }
 
@@ -321,6 +332,7 @@ class Session:
             stats.frames_encoded,
             stats.feed.segments,
             stats.sink.segments,
+            stats.frames_published,
         )
         if not self._samples or now - self._samples[-1][0] >= RATE_WINDOW / 2:
             self._samples.append((now, counters))
@@ -329,6 +341,14 @@ class Session:
         if elapsed < RATE_WINDOW / 2:
             return Rates()
         return Rates(*((b - a) / elapsed for a, b in zip(base[1], counters, strict=True)))
+
+
+def failure_reason(error: Exception) -> str:
+    """The reason a failed session gives: what the input's errors say is a sentence a person can
+    act on as it is; other errors carry their class's name, which says where they came from."""
+    if isinstance(error, InputError | InputNotFound):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _ms(seconds: float) -> float | None:

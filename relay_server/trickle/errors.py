@@ -7,3 +7,7 @@ class TrickleError(ConnectionError):
 
 class ChannelClosedError(TrickleError):
     """The channel was closed by the server or does not exist; nothing more can be published."""
+
+
+class RedirectRefused(TrickleError):
+    """The server answered a redirect, which the relay does not follow (relay_server.redirects)."""

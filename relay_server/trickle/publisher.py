@@ -20,11 +20,11 @@ from types import TracebackType
 
 import aiohttp
 
-from relay_server import settings
+from relay_server import redirects, settings
 from relay_server.backoff import Backoff
 from relay_server.trickle import protocol
 from relay_server.trickle.backoff import RetryBudget
-from relay_server.trickle.errors import ChannelClosedError, TrickleError
+from relay_server.trickle.errors import ChannelClosedError, RedirectRefused, TrickleError
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,14 @@ class Publisher:
         before the first segment is written."""
         try:
             async with self._http().post(
-                self.url, headers={protocol.EXPECT_CONTENT: self.mime_type}
+                self.url, headers={protocol.EXPECT_CONTENT: self.mime_type}, allow_redirects=False
             ) as response:
                 status = response.status
+                refused = redirects.refusal(self.url, response)
         except _TRANSPORT_ERRORS as exc:
             raise TrickleError(f"creating {self.url}: {exc!r}") from exc
+        if refused is not None:
+            raise RedirectRefused(f"creating: POST {refused}")
         if status != 200:
             raise TrickleError(f"creating {self.url}: HTTP {status}")
 
@@ -128,7 +131,10 @@ class Publisher:
         self._closed = True
         if delete_channel and not self._remote_closed:
             await self._delete(self.url)
-        for upload in list(self._uploads):
+        # The preconnected upload may have ended on its own (a refused redirect, say): its
+        # outcome is collected with the others'.
+        preconnected = {self._preconnected} if self._preconnected is not None else set()
+        for upload in self._uploads | preconnected:
             await upload.cancel()
         if self._owns_session and self._session is not None:
             await self._session.close()
@@ -154,17 +160,21 @@ class Publisher:
         return upload
 
     async def _fetch_next_write(self) -> int:
-        failures = RetryBudget(self.backoff, f"GET {self.url}/next")
+        url = f"{self.url}/next"
+        failures = RetryBudget(self.backoff, f"GET {url}")
         while True:
             try:
-                async with self._http().get(f"{self.url}/next") as response:
+                async with self._http().get(url, allow_redirects=False) as response:
                     if response.status == 404:
                         return 0  # a new channel: the first POST creates it where allowed
                     if response.status == 200:
                         return int(await response.text())
+                    refused = redirects.refusal(url, response)
                     what = f"HTTP {response.status}"
             except (*_TRANSPORT_ERRORS, ValueError) as exc:
-                what = repr(exc)
+                refused, what = None, repr(exc)
+            if refused is not None:
+                raise RedirectRefused(f"GET {refused}")
             await self._pause_after_failure(failures, what)
 
     async def _pause_after_failure(self, budget: RetryBudget, failure: str) -> None:
@@ -176,8 +186,12 @@ class Publisher:
         """Best-effort DELETE: it releases readers, and failing it must not stop a shutdown."""
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._http().delete(url) as response:
-                    log.debug("publisher: DELETE %s → %d", url, response.status)
+                async with self._http().delete(url, allow_redirects=False) as response:
+                    refused = redirects.refusal(url, response)
+                    if refused is not None:
+                        log.warning("publisher: DELETE %s", refused)
+                    else:
+                        log.debug("publisher: DELETE %s → %d", url, response.status)
         except (*_TRANSPORT_ERRORS, TimeoutError) as exc:
             log.warning("publisher: DELETE %s failed: %r", url, exc)
 
@@ -234,13 +248,20 @@ class _Upload:
             while True:
                 try:
                     async with publisher._http().post(
-                        self.url, data=self._body(), headers=self._headers, expect100=True
+                        self.url,
+                        data=self._body(),
+                        headers=self._headers,
+                        expect100=True,
+                        allow_redirects=False,
                     ) as response:
                         status = response.status
                         closed = bool(response.headers.get(protocol.CLOSED))
+                        refused = redirects.refusal(self.url, response)
                 except _TRANSPORT_ERRORS as exc:
                     what = repr(exc)
                 else:
+                    if refused is not None:
+                        raise RedirectRefused(f"POST {refused}")
                     if status == 404 or closed:
                         publisher._remote_closed = True
                         log.info("publisher %s: channel closed by the server", publisher.url)

@@ -4,6 +4,11 @@ Channels live in memory. Each keeps a ring of `RING_SLOTS` segments; a segment i
 byte strings its publisher sent, shared by every reader without copying. Nothing here polls: readers
 and waiting requests sleep on futures that writers and closers resolve, and the only timers are one
 idle timer per channel and one `100 Continue` keepalive timer per POST still waiting for its body.
+
+What a client can make the server hold is bounded (limits.py): bytes per segment (413), bytes across
+the server and channels (503 with Retry-After), open connections (429, admission.py), the time a
+connection may take to send a request head and a POST its first body byte. A segment's bytes are
+given back when nothing can read them any more: replaced, refused, or out of the ring with no reader.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import asyncio
 import contextlib
 import logging
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from relay_server.serving import bind, until_signalled
+from relay_server.serving import listen_error, until_signalled, url_host
+from relay_server.trickle.admission import Admission, AdmissionSite
+from relay_server.trickle.limits import BufferBudget, BuffersFull, SegmentTooLarge, TrickleLimits
 from relay_server.trickle.protocol import (
     CLOSED,
     CLOSED_VALUE,
@@ -35,6 +44,7 @@ from relay_server.trickle.protocol import (
 
 logger = logging.getLogger(__name__)
 
+
 Chunk = bytes | memoryview
 
 # A reader catching up writes runs of small chunks as one piece of about this size: one copy instead
@@ -44,10 +54,34 @@ _WRITE_SIZE = 64 * 1024
 # aiohttp cancels them.
 _STOP_GRACE = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# What a refusal for lack of room asks the client to wait: room comes back as segments and
+# channels are released, which a live stream does every segment.
+_RETRY_AFTER = "1"
 
 # What reading a request body raises when the upload breaks while the connection is up (a body
 # aiohttp cannot decode). A dropped connection instead cancels the handler (handler_cancellation).
 _UPLOAD_ERRORS = (ConnectionError, web.RequestPayloadError)
+# What a client alone causes, when aiohttp logs it.
+_CLIENT_ERRORS = (HttpProcessingError, web.RequestPayloadError, ConnectionResetError)
+
+
+class _ClientErrorsAtDebug(logging.Filter):
+    """aiohttp logs as an error with a traceback every malformed request (a 400), a body it cannot
+    decode while it drains what a handler left unread, and a client gone while aiohttp itself writes
+    to it (an interim `100 Continue`). Any client can cause these, and they say nothing about the
+    server: such records go to debug, one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, _CLIENT_ERRORS):
+            logger.debug("%s: %r", record.getMessage(), error)
+            return False
+        return True
+
+
+# The logger aiohttp's connection handlers report to.
+_http_logger = logging.getLogger(f"{__name__}.http")
+_http_logger.addFilter(_ClientErrorsAtDebug())
 
 
 class _Signal:
@@ -105,6 +139,7 @@ class ServerStats:
     post_requests: int = 0
     waiting_gets: int = 0  # GETs whose answer has not started: long-polls with no headers yet
     waiting_posts: int = 0  # POSTs that have not received a body byte yet (preconnects)
+    refusals: Counter[str] = field(default_factory=Counter)  # requests refused by a limit, by reason
 
 
 class Upload:
@@ -133,7 +168,9 @@ class Upload:
 class Segment:
     """The bytes of one seq, as written so far, and whether more can come."""
 
-    def __init__(self, seq: int, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, seq: int, on_change: Callable[[], None], *, budget: BufferBudget, max_bytes: int
+    ) -> None:
         self.seq = seq
         self.size = 0
         self.closed = False
@@ -144,6 +181,9 @@ class Segment:
         self._upload: Upload | None = None
         self._data = _Signal()
         self._on_change = on_change
+        self._budget = budget
+        self._max_bytes = max_bytes
+        self._in_ring = True
 
     @property
     def fresh(self) -> bool:
@@ -156,7 +196,8 @@ class Segment:
         if self._upload is not None:
             self._upload.release()
         if not self.fresh:
-            self._chunks, self._starts, self.size, self.closed = [], [], 0, False
+            self._drop_content()
+            self.closed = False
         self._upload = Upload(self)
         self._on_change()
         return self._upload
@@ -165,6 +206,9 @@ class Segment:
         # A closed or re-claimed segment is final for this upload: its late bytes go nowhere.
         if upload is not self._upload:
             return
+        if self.size + len(data) > self._max_bytes:
+            raise SegmentTooLarge(f"segment {self.seq} would pass {self._max_bytes} bytes")
+        self._budget.take(len(data))
         self._chunks.append(data)
         self._starts.append(self.size)
         self.size += len(data)
@@ -188,6 +232,17 @@ class Segment:
             self._upload = None
         self._data.notify()
         self._on_change()
+
+    def discard(self) -> None:
+        """End the segment without its content (a refused upload): readers past the new end get EOF."""
+        self._drop_content()
+        self.close()
+
+    def evict(self) -> None:
+        """The ring no longer holds this segment: close it, and drop its bytes once no reader is left."""
+        self.close()
+        self._in_ring = False
+        self._release_if_unread()
 
     async def read(self, pos: int) -> list[Chunk]:
         """The bytes after offset `pos`, waiting until there are some; empty when the segment ends
@@ -215,6 +270,17 @@ class Segment:
             yield
         finally:
             self.readers -= 1
+            self._release_if_unread()
+            self._on_change()
+
+    def _release_if_unread(self) -> None:
+        if not self._in_ring and self.readers == 0:
+            self._drop_content()
+
+    def _drop_content(self) -> None:
+        if self.size:
+            self._budget.give_back(self.size)
+            self._chunks, self._starts, self.size = [], [], 0
             self._on_change()
 
     def snapshot(self) -> SegmentSnapshot:
@@ -234,6 +300,8 @@ class Channel:
         idle_timeout: float,
         on_idle: Callable[[Channel], None],
         on_change: Callable[[], None],
+        budget: BufferBudget,
+        max_segment_bytes: int,
     ) -> None:
         self.name = name
         self.mime_type = mime_type
@@ -241,6 +309,8 @@ class Channel:
         self.closed = False
         self._ring: list[Segment | None] = [None] * RING_SLOTS
         self._on_change = on_change
+        self._budget = budget
+        self._max_segment_bytes = max_segment_bytes
         self._loop = asyncio.get_running_loop()
         self._idle_timeout = idle_timeout
         self._on_idle = on_idle
@@ -303,7 +373,7 @@ class Channel:
         self._idle_timer.cancel()
         for segment in self._ring:
             if segment is not None:
-                segment.close()
+                segment.evict()
         self._ring = [None] * RING_SLOTS
         self._on_change()
 
@@ -316,8 +386,10 @@ class Channel:
         slot = seq % RING_SLOTS
         evicted = self._ring[slot]
         if evicted is not None:
-            evicted.close()
-        segment = self._ring[slot] = Segment(seq, self._on_change)
+            evicted.evict()
+        segment = self._ring[slot] = Segment(
+            seq, self._on_change, budget=self._budget, max_bytes=self._max_segment_bytes
+        )
         self._on_change()
         return segment
 
@@ -397,16 +469,26 @@ class TrickleServer:
         autocreate: bool = True,
         idle_timeout: float = 300.0,
         keepalive_interval: float = 10.0,
+        limits: TrickleLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.url = ""
         self.stats = ServerStats()
+        self.limits = limits or TrickleLimits()
         self._autocreate = autocreate
         self._idle_timeout = idle_timeout
         self._keepalive_interval = keepalive_interval
         self._channels: dict[str, Channel] = {}
         self._changed = _Signal()
+        self._budget = BufferBudget(self.limits.max_buffered_bytes)
+        # A refused connection lingers at most as long as an admitted one may take to send its head.
+        self.admission = Admission(
+            self.limits.max_connections,
+            self.limits.header_timeout,
+            on_change=self._changed.notify,
+            on_refused=lambda: self._count_refusal("connections"),
+        )
         # Connections of uploads mid-body; stop() drops them (their bytes have nowhere to go once
         # the channels are closed, and a live publisher's body may not end for a long time).
         self._uploading: set[web.RequestHandler] = set()
@@ -421,10 +503,29 @@ class TrickleServer:
         app.router.add_get("/{channel}/{seq}", self._get, allow_head=False)
         app.router.add_post("/{channel}/{seq}", self._post)
         app.router.add_delete("/{channel}/{seq}", self._delete_segment)
-        # handler_cancellation: without it aiohttp keeps running a long-poll whose client has gone.
-        self._runner, self.port, self.url = await bind(
-            app, self.host, self.port, handler_cancellation=True, shutdown_timeout=_STOP_GRACE
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            # Without it aiohttp keeps running a long-poll whose client has gone.
+            handler_cancellation=True,
+            shutdown_timeout=_STOP_GRACE,
+            # aiohttp closes a connection that has no complete request head this long after it
+            # connected or finished its previous request.
+            keepalive_timeout=self.limits.header_timeout,
+            logger=_http_logger,
         )
+        await runner.setup()
+        try:
+            await AdmissionSite(runner, self.host, self.port, self.admission).start()
+        except OSError as error:
+            await runner.cleanup()
+            raise listen_error(self.host, self.port, error) from error
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        self.url = f"http://{url_host(self.host)}:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is None or self._stopping:
@@ -453,6 +554,20 @@ class TrickleServer:
     def channel_url(self, name: str) -> str:
         return f"{self.url}/{name}"
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Segment bytes held now, counted against `limits.max_buffered_bytes`."""
+        return self._budget.used
+
+    @property
+    def connections(self) -> int:
+        """Connections open now, counted against `limits.max_connections`."""
+        return self.admission.admitted
+
+    @property
+    def channels(self) -> int:
+        return len(self._channels)
+
     def snapshot(self, name: str) -> ChannelSnapshot | None:
         channel = self._channels.get(name)
         return channel.snapshot() if channel is not None else None
@@ -474,6 +589,8 @@ class TrickleServer:
             idle_timeout=self._idle_timeout,
             on_idle=self._sweep,
             on_change=self._changed.notify,
+            budget=self._budget,
+            max_segment_bytes=self.limits.max_segment_bytes,
         )
         self._channels[name] = channel
         self.stats.channels_created += 1
@@ -500,6 +617,8 @@ class TrickleServer:
             return _stopping()
         name = request.match_info["channel"]
         if name not in self._channels:
+            if self._channels_exhausted():
+                return self._refuse_busy("channels", "Too many channels")
             self._create(name, request.headers.get(EXPECT_CONTENT, ""))
         return web.Response()
 
@@ -603,7 +722,11 @@ class TrickleServer:
                 # The reference closes the connection so a waiting preconnect wakes up.
                 response.force_close()
                 return response
+            if self._channels_exhausted():
+                return self._refuse_busy("channels", "Too many channels")
             channel = self._create(name, request.headers.get(hdrs.CONTENT_TYPE, ""))
+        if self._budget.exhausted:
+            return self._refuse_busy("buffers", "Server buffers full")
         segment = channel.segment_for_write(seq)
         if RESET in request.headers:
             channel.reset(segment)
@@ -621,7 +744,11 @@ class TrickleServer:
             data = await self._first_body_bytes(request, upload)
         except _UPLOAD_ERRORS as exc:
             logger.debug("upload %s/%d broke before its first byte: %r", channel.name, segment.seq, exc)
-            return await _fail_upload(request)
+            return await _answer_and_close(request, _text(500, "Server error"))
+        except TimeoutError:
+            self._count_refusal("first_byte_timeout")
+            timeout = self.limits.first_byte_timeout
+            return await _answer_and_close(request, _text(408, f"No body within {timeout:g} s"))
         if data is None:
             # Released before any byte: the body is unread, so end the connection after answering.
             response = self._upload_answer(channel, headers)
@@ -639,7 +766,13 @@ class TrickleServer:
             # The segment stays open on purpose (as in the reference): its readers wait until a
             # DELETE of the seq, a reset, slot reuse or the channel closing ends it.
             logger.debug("upload %s/%d broke mid-body: %r", channel.name, segment.seq, exc)
-            return await _fail_upload(request)
+            return await _answer_and_close(request, _text(500, "Server error"))
+        except SegmentTooLarge as exc:
+            segment.discard()
+            return self._refuse("segment_too_large", 413, f"Segment too large: {exc}", mid_body=True)
+        except BuffersFull as exc:
+            segment.discard()
+            return self._refuse_busy("buffers", f"Server buffers full: {exc}", mid_body=True)
         finally:
             self._uploading.discard(request.protocol)
         if segment.detach(upload):
@@ -648,13 +781,20 @@ class TrickleServer:
 
     async def _first_body_bytes(self, request: web.Request, upload: Upload) -> bytes | None:
         """The first piece of the body (b"" for an empty one), or None when the upload was released
-        first. Meanwhile the POST counts as waiting and gets `100 Continue` keepalives."""
+        first; TimeoutError when neither happens within the first-byte timeout. Meanwhile the POST
+        counts as waiting and gets `100 Continue` keepalives."""
         self.stats.waiting_posts += 1
         self._changed.notify()
         keepalive = _ContinueKeepalive(request, self._keepalive_interval)
         read = asyncio.ensure_future(request.content.readany())
         try:
-            await asyncio.wait((read, upload.released), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                (read, upload.released),
+                timeout=self.limits.first_byte_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                raise TimeoutError
         finally:
             keepalive.cancel()
             self.stats.waiting_posts -= 1
@@ -680,11 +820,39 @@ class TrickleServer:
         self.stats.post_requests += 1
         self._changed.notify()
 
+    def _channels_exhausted(self) -> bool:
+        return len(self._channels) >= self.limits.max_channels
 
-async def _fail_upload(request: web.Request) -> web.Response:
-    """Answer 500, then drop the connection: the rest of a broken body cannot be read, and aiohttp
-    would otherwise try to drain it after the handler (and log the same error again)."""
-    response = _text(500, "Server error")
+    def _count_refusal(self, reason: str) -> None:
+        self.stats.refusals[reason] += 1
+        logger.debug("request refused: %s", reason)
+        self._changed.notify()
+
+    def _refuse(
+        self,
+        reason: str,
+        status: int,
+        text: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        mid_body: bool = False,
+    ) -> web.Response:
+        """A limit refused the request. Either way aiohttp reads and drops what is left of the body
+        for a while after the answer, so the client gets the answer, not a reset; a body cut off
+        `mid_body` also ends the connection, as its sender may never stop."""
+        self._count_refusal(reason)
+        response = _text(status, text, headers)
+        if mid_body:
+            response.force_close()
+        return response
+
+    def _refuse_busy(self, reason: str, text: str, *, mid_body: bool = False) -> web.Response:
+        return self._refuse(reason, 503, text, {hdrs.RETRY_AFTER: _RETRY_AFTER}, mid_body=mid_body)
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Answer, then drop the connection: the rest of the body cannot (or will not) be read, and
+    aiohttp would otherwise try to drain it after the handler (and log a broken one again)."""
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
@@ -699,14 +867,19 @@ def _stopping() -> web.Response:
     return response
 
 
-async def serve_forever(host: str, port: int, *, autocreate: bool, idle_timeout: float) -> None:
+async def serve_forever(
+    host: str, port: int, *, autocreate: bool, idle_timeout: float, limits: TrickleLimits
+) -> None:
     """Run a TrickleServer until SIGINT or SIGTERM, then stop it cleanly."""
-    async with TrickleServer(host, port, autocreate=autocreate, idle_timeout=idle_timeout) as server:
+    async with TrickleServer(
+        host, port, autocreate=autocreate, idle_timeout=idle_timeout, limits=limits
+    ) as server:
         logger.info(
-            "trickle server listening on %s (autocreate %s, idle timeout %g s)",
+            "trickle server listening on %s (autocreate %s, idle timeout %g s, %s)",
             server.url,
             "on" if autocreate else "off",
             idle_timeout,
+            limits,
         )
         await until_signalled()
         logger.info("trickle server stopping")

@@ -19,11 +19,11 @@ from types import TracebackType
 
 import aiohttp
 
-from relay_server import settings
+from relay_server import redirects, settings
 from relay_server.backoff import Backoff
 from relay_server.trickle import protocol
 from relay_server.trickle.backoff import RetryBudget
-from relay_server.trickle.errors import TrickleError
+from relay_server.trickle.errors import RedirectRefused, TrickleError
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +169,16 @@ class Subscriber:
         """Wait until `seq` has data and return its response, or say why the stream ended.
 
         Follows 470 to the live edge and skips empty segments, except when `resume` is set:
-        then only `seq` itself will do, and its absence ends the segment ("lost").
+        then only `seq` itself will do, and its absence ends the segment ("lost"). Raises
+        RedirectRefused on a 3xx, TrickleError when the retries are spent.
         """
         failures = RetryBudget(self.backoff, f"GET {self.url}/{seq}")
         not_found = RetryBudget(NOT_FOUND_BACKOFF, f"GET {self.url}/{seq}")
         while True:
+            url = f"{self.url}/{seq}"
             try:
                 async with asyncio.timeout(self._wait_limit()):
-                    response = await self._http().get(f"{self.url}/{seq}")
+                    response = await self._http().get(url, allow_redirects=False)
             except TimeoutError:
                 # No headers yet is normal for a segment that has not started; re-issuing
                 # guards against a connection that died silently on the way.
@@ -203,6 +205,9 @@ class Subscriber:
                 self._grace_until = 0.0
                 return _Opened(resolved, response)
             response.release()
+            refused = redirects.refusal(url, response)
+            if refused is not None:
+                raise RedirectRefused(f"GET {refused}")
             if status == protocol.STATUS_NOT_IN_RING:
                 if resume:
                     return _Ended("lost")

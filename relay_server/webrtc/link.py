@@ -11,7 +11,10 @@ When it fails or closes, its returned track ends, or nothing comes back for `ret
 seconds while frames go out, the peer connection is torn down completely and a new one
 negotiated after a backoff, with the current prompts; meanwhile the state is RECONNECTING with
 the reason, and the owner keeps its output's timeline. An offer refused before any connection
-succeeded (an invalid prompt, say) is fatal: retrying cannot fix it.
+succeeded (an invalid prompt, say) is fatal: retrying cannot fix it; so is an answer the relay
+refuses itself (a redirect, no ICE candidate on an allowed host), whenever it comes. A stop never
+cuts an offer off mid-request: it is let finish (within offer_timeout), and a connection it
+answered is let connect (within CLOSE_HANDSHAKE) and closed, so that the processor sees the close.
 
 Returned frames are stamped on arrival (monotonic clock) and matched to sent ones (roundtrip.py),
 which gives the round trip and the media time of the input frame each was made from. Their own
@@ -57,7 +60,7 @@ from relay_server.webrtc.sendtrack import (
     SendStats,
     SendTrack,
 )
-from relay_server.webrtc.signaling import OfferRejected, ProcessorError, negotiate
+from relay_server.webrtc.signaling import AnswerRefused, OfferRejected, ProcessorError, negotiate
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,9 @@ _T = TypeVar("_T")
 RETURNED_UNITS = 32
 REMB_INTERVAL = 1.0  # seconds between requests for the return bitrate, as browsers send REMB
 RETURN_TAIL = 16  # packets after the newest returned one asked for when returns stall (resend.py)
+# Seconds a connection answered just before it is closed may take to connect: closed connected,
+# it tells the processor (DTLS close_notify), which otherwise waits for its ICE to give up.
+CLOSE_HANDSHAKE = 5.0
 WAITING_FOR_INPUT = "waiting for input"
 CONNECTING = "connecting to the processor"
 
@@ -110,6 +116,8 @@ class LinkSettings:
     stock_encoder: bool = False
     return_timeout: float = 5.0  # seconds without a returned frame, while sending, that mean lost
     control_timeout: float = 10.0  # seconds to wait for a control reply
+    # The relay's allow-list: the processor's ICE candidates must be on these hosts (candidates.py).
+    allowed_hosts: frozenset[str] = frozenset()  # empty: any host
     reconnect: Backoff = field(
         default_factory=lambda: Backoff(initial=0.25, factor=2.0, maximum=5.0, attempts=1_000_000)
     )
@@ -309,6 +317,8 @@ class ProcessorLink:
             self._connection = connection
             try:
                 reason = await self._unless_stopped(connection.run())
+            except AnswerRefused as error:
+                raise LinkError(str(error)) from error
             except OfferRejected as error:
                 if self._connections == 0:
                     raise LinkError(str(error)) from error
@@ -440,19 +450,27 @@ class _Connection:
         self._asking: asyncio.Task[None] | None = None  # for the return bitrate (RTCP REMB)
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_return = 0.0
+        self._offer: asyncio.Task[None] | None = None
+        self._settled = asyncio.Event()  # ICE and DTLS got somewhere: connected, failed or closed
 
     async def run(self) -> str:
         link = self.link
-        await negotiate(
-            self.pc,
-            self.http,
-            link.url,
-            prompts=link.prompts,
-            width=link.frames.width,
-            height=link.frames.height,
-            within=link.settings.offer_timeout,
-            estimate_bandwidth=link.settings.return_bitrate is None,
+        self._offer = asyncio.create_task(
+            negotiate(
+                self.pc,
+                self.http,
+                link.url,
+                prompts=link.prompts,
+                width=link.frames.width,
+                height=link.frames.height,
+                within=link.settings.offer_timeout,
+                estimate_bandwidth=link.settings.return_bitrate is None,
+                allowed_hosts=link.settings.allowed_hosts,
+            ),
+            name=f"link-offer {link.name}",
         )
+        # Cancelling run() (a stop) leaves the offer to finish: close() waits for it.
+        await asyncio.shield(self._offer)
         self.answered = 1
         link._answered()
         self.set_remux(link.remux)
@@ -467,6 +485,7 @@ class _Connection:
         return await asyncio.shield(self._lost)
 
     async def close(self) -> None:
+        await self._conclude_offer()
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self.resender.stop()
@@ -483,12 +502,33 @@ class _Connection:
         if self.encoder is not None:
             await loop.run_in_executor(self.executor, self.encoder.close)
 
+    async def _conclude_offer(self) -> None:
+        """Let an offer in flight finish and, once answered, the connection get somewhere, so that
+        closing it reaches the processor. An /offer cut off mid-request leaves ComfyStream a
+        peer connection nobody connects to; when its ICE gives up (about a minute later) it
+        stops the shared workflow, under whichever session uses the processor by then."""
+        offer = self._offer
+        if offer is None:
+            return
+        try:
+            await asyncio.wait([offer])  # bounded by offer_timeout
+        except asyncio.CancelledError:
+            offer.cancel()  # the owner gave up waiting: nothing is left running
+            raise
+        if offer.cancelled() or offer.exception() is not None:
+            return  # not answered (or refused): there is no connection to tell
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_HANDSHAKE):
+                await self._settled.wait()
+
     def _lose(self, reason: str) -> None:
         if not self._lost.done():
             self._lost.set_result(reason)
 
     def _on_peer_state(self) -> None:
         state = self.pc.connectionState
+        if state in ("connected", "failed", "closed"):
+            self._settled.set()
         if state in ("failed", "closed"):
             self._lose(f"the peer connection {state}")
 
@@ -607,7 +647,7 @@ class _Connection:
         roundtrip = self.roundtrip
         skipped = roundtrip.skipped
         media = roundtrip.returned(pts, arrival)
-        self.in_flight.returned(passed_over=roundtrip.skipped - skipped)
+        self.in_flight.returned(passed_over=roundtrip.skipped - skipped, sent_at=roundtrip.last_sent_at)
         return media
 
     def _arm(self, timeout: float) -> None:

@@ -43,6 +43,9 @@ class RoundTrip:
         self.unmatched = 0
         # Sent frames a later return passed over: the processor let them go (it returns in order).
         self.skipped = 0
+        # When the frame that came back last went out, if matched and timed (a repeat's return
+        # waits for the next frame in the processor's jitter buffer).
+        self.last_sent_at: float | None = None
         self.first_sent: float | None = None  # monotonic time of the first frame sent
         self.latencies = latencies if latencies is not None else LatencyWindow()
         self._sent: dict[int, tuple[float, int | None, bool]] = {}  # pts → (sent at, media, timed)
@@ -73,9 +76,11 @@ class RoundTrip:
         sent = self._match(pts) if pts is not None else None
         if sent is None:
             self.unmatched += 1
+            self.last_sent_at = None
             return self._guess()
         self.matched += 1
         sent_at, media, timed = self._sent[sent]
+        self.last_sent_at = sent_at if timed else None
         if timed:
             self.latencies.add(at - sent_at)
         unreturned = self._unreturned

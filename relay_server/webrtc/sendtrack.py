@@ -71,6 +71,8 @@ RATE_TOLERANCE = 0.1
 CATCH_UP = 0.25
 # A frame not back after this long is presumed dropped by the processor and stops counting.
 IN_FLIGHT_EXPIRY = 1.0
+# Returns the processor's pace is taken from (the median time between them while it was busy).
+PACE_RETURNS = 10
 
 
 @dataclass
@@ -101,6 +103,8 @@ class InFlight:
         self._stats = stats
         self._sent: deque[float] = deque()  # send times; bounded by `limit` (room() before send)
         self._returned = asyncio.Event()
+        self._paces: deque[float] = deque(maxlen=PACE_RETURNS)
+        self._last_return: float | None = None
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -109,14 +113,30 @@ class InFlight:
         if self.limit:
             self._sent.append(at)
 
-    def returned(self, passed_over: int = 0) -> None:
-        """A frame came back, and `passed_over` sent before it never will (those already
-        presumed lost by expiry are no longer here)."""
+    def returned(self, passed_over: int = 0, sent_at: float | None = None) -> None:
+        """A frame came back (sent at `sent_at`, when known), and `passed_over` sent before it
+        never will (those already presumed lost by expiry are no longer here)."""
+        now = time.monotonic()
         leaving = min(1 + passed_over, len(self._sent))
         for _ in range(leaving):
             self._sent.popleft()
         self._stats.presumed_lost += max(0, leaving - 1)
+        if sent_at is not None and self._last_return is not None and sent_at < self._last_return:
+            self._paces.append(now - self._last_return)  # it waited while the one before was served
+        self._last_return = now
         self._returned.set()
+
+    def wait(self) -> float | None:
+        """Seconds a frame sent now may take to come back because of the frames still out: the
+        processor's pace (the median time between returns while others waited: the time it
+        takes for one frame when busy) for each of them and for the frame itself; 0 when none
+        is out, None while the pace is unknown."""
+        if not self._sent:
+            return 0.0
+        if not self._paces:
+            return None
+        paces = sorted(self._paces)
+        return (len(self._sent) + 1) * paces[len(paces) // 2]
 
     async def room(self) -> None:
         """Wait until another frame may go out."""
@@ -271,18 +291,32 @@ class SendTrack(MediaStreamTrack):
             return media  # catch-up: at once
         now = time.monotonic()
         if isinstance(frame, av.Packet):
+            # Units cannot be replaced by newer ones, so the sender keeps within the budget by
+            # whole GOPs: a unit more than the budget behind the live edge goes with the units
+            # up to the newest keyframe queued; one held here longer than the budget (the
+            # processor takes them more slowly than they come: they wait for room at it) goes
+            # with the rest of its GOP. A join's backlog, behind as it arrived, is caught up
+            # instead (sent at once: the processor decodes faster than real time).
             units = self._frames.units
-            skip = units.newest_keyframe if units is not None else None
-            if skip is not None and timeline.behind(media, now) > timeline.budget:
-                assert units is not None
-                units.skip(skip)  # whole GOPs: the units up to the newest keyframe go with this one
-                timeline.stats.late += 1 + skip
+            if units is not None and timeline.behind(media, now) > timeline.budget:
+                skip = units.newest_keyframe
+                if skip is not None:
+                    units.skip(skip)
+                    timeline.stats.late += 1
+                    return None
+            if units is not None and now - taken.ready > timeline.budget:
+                units.let_gop_go()
+                timeline.stats.late += 1
                 return None
             placed = timeline.due(media, now)
         else:
-            # A slow processor's queue counts against the budget too: behind frames still out
-            # there, this one will take about as long as the last few did.
-            ahead = self._roundtrip.latencies.recent() if len(self._in_flight) else 0.0
+            # A slow processor's queue counts against the budget too: the frames still out there
+            # go first, at its pace (until that is known, this one takes as long as the last few
+            # did). Not a median latency: that remembers a queue long gone, and while frames are
+            # held back because of it none comes back to show that it is gone.
+            ahead = self._in_flight.wait()
+            if ahead is None:
+                ahead = self._roundtrip.latencies.recent() if len(self._in_flight) else 0.0
             placed = timeline.decide(media, taken.ready, now, ahead)
             if placed.decision is not Decision.SEND:
                 return None

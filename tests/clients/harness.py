@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.struct_pb2 import Struct
 
+from relay_server.api.relay.v1 import relay_service_pb2 as pb
+from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.service.server import RelayServer
 from relay_server.session.manager import SessionManager
 from relay_server.trickle.server import TrickleServer
@@ -101,6 +105,30 @@ async def relay_server(
         yield Relay(server.address, trickle, processor_url, server)
     finally:
         await server.drain(grace=1.0)
+
+
+async def start_bulky_sessions(relay: Relay, count: int) -> list[str]:
+    """Start `count` sessions (through the API) whose prompts are about 1 MiB each, so that a
+    listing of them takes several pages. They read a channel nobody publishes to and name a
+    processor nobody serves, and wait."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    workflow = Struct()
+    workflow.update({"1": {"class_type": "Invert", "inputs": {"notes": "x" * 1_000_000}}})
+    ids = [f"bulky-{index}" for index in range(count)]
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        stub = pb_grpc.RelayServiceStub(channel)
+        for index, session_id in enumerate(ids):
+            request = pb.StartSessionRequest(
+                session_id=session_id,
+                subscribe_url=relay.input_url(),
+                publish_url=relay.output_url(session_id),
+                processor_url=f"http://127.0.0.1:{closed_port}/{index}",
+                prompts=[workflow],
+            )
+            await stub.StartSession(request, timeout=CLIENT_TIMEOUT)
+    return ids
 
 
 class Streaming:

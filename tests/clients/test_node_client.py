@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from relay_server.trickle.server import TrickleServer
-from tests.clients.harness import Relay, relay_server, self_signed
+from tests.clients.harness import Relay, relay_server, self_signed, start_bulky_sessions
 
 INVERT = {"1": {"class_type": "Invert", "inputs": {"strength": 0.5, "on": True, "tags": ["a", None]}}}
 
@@ -72,3 +72,57 @@ async def test_tls(trickle_server: TrickleServer, node_client: Path, tmp_path: P
         # Node warns (DEP0123) about TLS to an IP address, as 127.0.0.1 is, and goes on.
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout) == {"sessions": []}
+
+
+async def test_list_follows_the_pages(bare_relay: Relay, node_client: Path) -> None:
+    # Five sessions of about 1 MiB each: ListSessions returns them a few per page.
+    ids = await start_bulky_sessions(bare_relay, 5)
+    listed = await bare_relay.node("list")
+    assert listed.returncode == 0, listed.stderr
+    assert [s["session_id"] for s in json.loads(listed.stdout)["sessions"]] == ids
+
+
+async def test_start_takes_every_field(bare_relay: Relay, node_client: Path) -> None:
+    relay = bare_relay
+    base = relay.input_url().rsplit("/", 1)[0]
+    started = await relay.node(
+        "start",
+        "--id", "node-all",
+        "--subscribe-url", relay.input_url(),
+        "--publish-url", relay.output_url("node-all"),
+        "--processor-url", "http://127.0.0.1:9/processor",
+        "--control-url", f"{base}/control",
+        "--events-url", f"{base}/events",
+        "--data-url", f"{base}/data",
+        "--gateway-request-id", "req-1",
+        "--prompts", json.dumps(INVERT),
+        "--width", "640", "--height", "360",
+        "--max-fps", "15",
+        "--preset", "veryfast", "--bitrate", "1500000", "--gop", "1.5",
+        "--scale-mode", "crop", "--fill", "hold", "--mode", "transcode",
+        "--allow-shared-processor",
+        "--offer-timeout", "20", "--latency-budget", "0.25",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    config = json.loads(started.stdout)["config"]
+    assert {name: config[name] for name in ("control_url", "events_url", "data_url")} == {
+        "control_url": f"{base}/control",
+        "events_url": f"{base}/events",
+        "data_url": f"{base}/data",
+    }
+    assert config["gateway_request_id"] == "req-1"
+    assert (config["width"], config["height"], config["max_fps"]) == (640, 360, 15)
+    assert config["encoder"] == {"preset": "veryfast", "bitrate": 1500000, "gop": 1.5}
+    assert (config["scale_mode"], config["output_fill"], config["mode"]) == (
+        "SCALE_MODE_CROP",
+        "OUTPUT_FILL_HOLD",
+        "SESSION_MODE_TRANSCODE",
+    )
+    assert config["allow_shared_processor"] is True
+    assert (config["offer_timeout"], config["latency_budget"]) == (20, 0.25)
+    assert config["prompts"] == [INVERT]
+    stopped = await relay.node("stop", "node-all")
+    assert stopped.returncode == 0, stopped.stderr
+
+    bad = await relay.node("start", "--mode", "fast")
+    assert bad.returncode == 2 and "--mode: one of auto, transcode, passthrough" in bad.stderr

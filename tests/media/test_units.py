@@ -154,6 +154,22 @@ def test_head_and_skipping_up_to_the_newest_keyframe() -> None:
     assert units.head is not None and units.head.pts == 0
     assert units.newest_keyframe == 3  # three units come before it
     units.skip(3)
-    assert units.dropped == 3 and units.head is not None and units.head.pts == 3
+    assert units.late == 3 and units.dropped == 0 and units.head is not None and units.head.pts == 3
     assert drain(units) == [3, 4]
     assert units.head is None
+
+
+def test_a_late_gop_goes_up_to_the_next_keyframe_counted_late() -> None:
+    units = AccessUnits()
+    units.put(unit(0, True))
+    assert drain(units) == [0]
+    for pts in (1, 2, 3):
+        units.put(unit(pts, False))
+    units.let_gop_go()  # the sender found unit 1 too late: 1, 2 and 3 go
+    units.put(unit(4, False))  # the GOP's tail, still coming: no later picture refers to it
+    units.resume_at_keyframe()  # a repeat meanwhile: still waiting for the keyframe, still late
+    units.put(unit(5, False))
+    units.put(unit(6, True))
+    units.put(unit(7, False))
+    assert drain(units) == [6, 7]
+    assert (units.late, units.late_gops, units.dropped) == (5, 1, 0)

@@ -35,10 +35,10 @@ async def test_cli_serves_and_stops_on_sigterm() -> None:
             async with http.get(f"{url}/live/health") as response:
                 assert response.status == 200
             async with http.post(f"{url}/offer", data="not json") as response:
-                assert response.status == 500 and await response.text()
+                assert response.status == 400 and await response.text()
             body = {"offer": {"sdp": "v=0", "type": "offer"}, "resolution": {"width": "x"}}
             async with http.post(f"{url}/offer", json=body) as response:
-                assert response.status == 500 and "resolution" in await response.text()
+                assert response.status == 400 and "resolution" in await response.text()
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             assert await process.wait() == 0

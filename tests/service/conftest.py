@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.media.testsource import publish_pattern
 from relay_server.processor import ProcessorServer
-from relay_server.service.server import RelayServer
+from relay_server.service.server import SERVICE_NAME, RelayServer
 from relay_server.session.manager import SessionManager
 from relay_server.trickle import Publisher, Subscriber
 from relay_server.trickle.server import TrickleServer
@@ -106,6 +107,27 @@ async def make_relay(trickle_server: TrickleServer) -> AsyncIterator[MakeRelay]:
 @pytest.fixture
 async def relay(make_relay: MakeRelay) -> Relay:
     return await make_relay()
+
+
+@contextlib.asynccontextmanager
+async def drain_under_way(
+    relay: Relay, lingering: pb.StartSessionRequest
+) -> AsyncIterator[asyncio.Task[None]]:
+    """A drain of `relay` under way, kept so by `lingering`, a session whose events go to a
+    gateway that has hung (stopping it takes its events' grace): entered once health says
+    NOT_SERVING, the drain's first step (the manager refuses new sessions from its next); the
+    drain is awaited on exit."""
+    await relay.stub.StartSession(lingering)
+    health = health_pb2_grpc.HealthStub(relay.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.SERVING
+    draining = asyncio.create_task(relay.server.drain())
+    try:
+        assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        yield draining
+    finally:
+        watch.cancel()
+        await asyncio.wait_for(draining, 10)
 
 
 # -- what sessions connect to ----------------------------------------------------------------------

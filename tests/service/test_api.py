@@ -18,14 +18,13 @@ import av
 import grpc
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.media.testsource import publish_pattern
 from relay_server.processor import ProcessorServer
-from relay_server.service.server import SERVICE_NAME
 from relay_server.session.session import SessionSnapshot
 from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
@@ -39,6 +38,7 @@ from tests.service.conftest import (
     Relay,
     Watcher,
     chroma_spread,
+    drain_under_way,
     media_threads,
     seconds,
     session_threads,
@@ -353,21 +353,39 @@ async def test_a_watcher_that_never_reads_holds_back_neither_the_others_nor_the_
 
 async def rpc_error(call: Awaitable[object], code: grpc.StatusCode, message: str) -> list[tuple[str, str]]:
     """Await `call`, which must fail with `code` and `message`; its BadRequest field violations
-    as (field, description), read from the google.rpc.Status in the trailers."""
+    as (field, description), read from the google.rpc.Status in the trailers (which must also
+    hold the relay's ErrorInfo)."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     error = caught.value
     assert (error.code(), error.details()) == (code, message)
+    details = status_details(error)
+    info = details[error_details_pb2.ErrorInfo]
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.domain == "trickle-relay" and info.reason
+    request = details.get(error_details_pb2.BadRequest, error_details_pb2.BadRequest())
+    assert isinstance(request, error_details_pb2.BadRequest)
+    return [(v.field, v.description) for v in request.field_violations]
+
+
+DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.PreconditionFailure,
+)
+
+
+def status_details(error: grpc.aio.AioRpcError) -> dict[type, Message]:
+    """The google.rpc details of a failed call by type, each type at most once."""
     status = rpc_status.from_call(error)  # also checks that it agrees with code and message
-    if status is None:
-        return []
-    assert status.code == code.value[0] and status.message == message
-    violations = []
-    for detail in status.details:
-        request = error_details_pb2.BadRequest()
-        assert detail.Unpack(request), detail.type_url
-        violations += [(v.field, v.description) for v in request.field_violations]
-    return violations
+    assert status is not None, "no google.rpc.Status in the trailers"
+    details: dict[type, Message] = {}
+    for packed in status.details:
+        (kind,) = [kind for kind in DETAIL_TYPES if packed.Is(kind.DESCRIPTOR)]
+        assert kind not in details, kind
+        details[kind] = kind()
+        packed.Unpack(details[kind])
+    return details
 
 
 def start_request(
@@ -559,26 +577,14 @@ async def test_failed_precondition_for_a_busy_processor_or_an_ended_session(
 async def test_unavailable_while_draining(
     relay: Relay, idle_channel: str, closed_port_url: str, unresponsive_url: str
 ) -> None:
-    # A session whose events go to a gateway that has hung: stopping it takes its events' grace,
-    # and the drain is under way for that long.
     lingering = start_request("lingering", idle_channel, closed_port_url, events_url=unresponsive_url)
-    await relay.stub.StartSession(lingering)
-    health = health_pb2_grpc.HealthStub(relay.channel)
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-    assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.SERVING
-    draining = asyncio.create_task(relay.server.drain())
-    try:
-        # NOT_SERVING is the drain's first step; the manager refuses new sessions from its next.
-        assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    async with drain_under_way(relay, lingering) as draining:
         message = "the relay is shutting down and takes no new sessions"
         request = start_request("late", idle_channel, closed_port_url + "/late")
         assert await rpc_error(relay.stub.StartSession(request), grpc.StatusCode.UNAVAILABLE, message) == []
         assert not draining.done()
         got = await relay.stub.GetSession(pb.GetSessionRequest(session_id="lingering"))
         assert got.session.state in (pb.SESSION_STATE_STOPPING, STOPPED)
-    finally:
-        watch.cancel()
-        await asyncio.wait_for(draining, 10)
     assert relay.manager.get("lingering").state.ended
     # Drained: the server itself is gone, which is UNAVAILABLE too.
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,6 +44,7 @@ from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
 from tests.media.clips import ClipSpec, make_clip
 from tests.service.conftest import seconds
+from tests.service.test_api import status_details
 
 SERVICE = "relay.v1.RelayService"
 TOKEN = "s3cret-token"
@@ -247,6 +249,8 @@ async def test_relay_calls_need_the_bearer_token_health_and_reflection_do_not(ma
                 await stub.ListSessions(pb.ListSessionsRequest(), metadata=metadata, timeout=RPC_TIMEOUT)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, message
             assert message in (refused.value.details() or ""), refused.value.details()
+            info = status_details(refused.value)[error_details_pb2.ErrorInfo]  # as every error has
+            assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "UNAUTHENTICATED"
 
         # A streaming call is refused the same way, before the servicer sees it.
         with pytest.raises(grpc.aio.AioRpcError) as refused:

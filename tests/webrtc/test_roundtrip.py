@@ -155,6 +155,35 @@ async def test_frames_passed_over_leave_the_in_flight_window_at_once_counted_los
     await in_flight.drained()
 
 
+def test_the_processors_pace_is_learnt_from_frames_that_waited_for_the_one_before() -> None:
+    in_flight = InFlight(SendStats(), limit=4)
+    for _ in range(4):
+        in_flight.sent(0.0)
+    assert in_flight.wait() is None  # frames out, the pace not known yet
+    in_flight.returned(sent_at=0.0)  # the first return: nothing came back before it
+    in_flight.returned(sent_at=math.inf)  # sent after the return before it: it did not wait
+    in_flight.returned()  # not matched: when it went out is not known
+    assert in_flight.wait() is None
+    in_flight.returned(sent_at=0.0)  # it waited while the one before was served
+    assert len(in_flight) == 0 and in_flight.wait() == 0.0
+    in_flight.sent(0.0)
+    pace = in_flight.wait()
+    assert pace is not None and pace >= 0.0
+
+
+def test_a_repeat_gives_no_send_time_for_the_pace() -> None:
+    """A repeat's return waits in the processor's jitter buffer for the next frame."""
+    roundtrip = RoundTrip()
+    sent = sends(20)
+    for index, (pts, at) in enumerate(sent):
+        roundtrip.sent(pts, at, index, timed=index != 19)
+    for pts, at in sent[:19]:
+        roundtrip.returned(pts - OFFSET, at + LATENCY)
+    assert roundtrip.last_sent_at == sent[18][1]
+    roundtrip.returned(sent[19][0] - OFFSET, sent[19][1] + LATENCY)
+    assert roundtrip.matched > 0 and roundtrip.last_sent_at is None
+
+
 def test_a_new_offset_is_relearnt_after_misses() -> None:
     roundtrip = RoundTrip()
     switch = 60  # from this frame on, the returned pts carry another offset (a new RTP origin)
