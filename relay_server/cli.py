@@ -65,8 +65,7 @@ def _add_trickle_server(commands: argparse._SubParsersAction) -> None:
 def _add_trickle_limits(parser: argparse.ArgumentParser) -> None:
     from relay_server import settings
 
-    def add(*flags: str, **options: Any) -> None:
-        parser.add_argument(*flags, default=_FROM_ENV, **options)
+    add = _env_flags(parser)
 
     add(
         "--max-segment-bytes",
@@ -213,6 +212,15 @@ def _flag_or_env(flag: Any, from_env: Callable[[], Any]) -> Any:
     return from_env() if flag is _FROM_ENV else flag
 
 
+def _env_flags(parser: argparse.ArgumentParser) -> Callable[..., Any]:
+    """parser.add_argument for flags with an environment twin: unset, they read it (_flag_or_env)."""
+
+    def add(*flags: str, **options: Any) -> Any:
+        return parser.add_argument(*flags, default=_FROM_ENV, **options)
+
+    return add
+
+
 def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type from a settings.parse_* function: its ValueError becomes a usage error."""
 
@@ -240,8 +248,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    def add(*flags: str, **options: Any) -> None:
-        parser.add_argument(*flags, default=_FROM_ENV, **options)
+    add = _env_flags(parser)
 
     add(
         "--listen",

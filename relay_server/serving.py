@@ -7,25 +7,37 @@ import errno
 import os
 import signal
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+if TYPE_CHECKING:  # aiohttp is imported where a server starts: the CLI starts without it
+    from aiohttp import web
 
 
 async def bind(
-    app: web.Application, host: str, port: int, **runner_options: Any
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    site: Callable[[web.AppRunner, str, int], web.BaseSite] | None = None,
+    **runner_options: Any,
 ) -> tuple[web.AppRunner, int, str]:
-    """Serve `app` on host:port (0 picks a free port); returns the runner, the bound port and the
-    base URL. The address is reusable at once, so a stopped server's port can be bound again."""
+    """Serve `app` on host:port (0 picks a free port) through `site` (aiohttp's TCPSite unless
+    given); returns the runner, the bound port and the base URL. The address is reusable at
+    once, so a stopped server's port can be bound again."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-    except OSError as error:
+        if site is None:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        else:
+            await site(runner, host, port).start()
+    except BaseException as error:
         await runner.cleanup()
-        raise listen_error(host, port, error) from error
-    except BaseException:
-        await runner.cleanup()
+        if isinstance(error, OSError):
+            raise listen_error(host, port, error) from error
         raise
     bound = runner.addresses[0][1]
     return runner, bound, f"http://{url_host(host)}:{bound}"

@@ -17,11 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from grpc_status import rpc_status
 
 from relay_server.errors import Unauthenticated
 from relay_server.service.server import SERVICE_NAME
-from relay_server.service.servicer import to_status
+from relay_server.service.servicer import abort
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
     """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
 
     async def deny(context: grpc.aio.ServicerContext) -> None:
-        await context.abort_with_status(rpc_status.to_status(to_status(Unauthenticated(message))))
+        await abort(context, Unauthenticated(message))
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await deny(context)

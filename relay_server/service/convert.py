@@ -15,10 +15,11 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
+from relay_server.errors import ConfigError, FieldViolation
 from relay_server.media.encoder import EncoderSettings
 from relay_server.media.scaler import ScaleMode
 from relay_server.media.timeline import LATENCY_BUDGET
-from relay_server.session.config import DEFAULT_SIZE, ConfigError, FieldViolation, SessionConfig
+from relay_server.session.config import DEFAULT_SIZE, SessionConfig
 from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode, QueueDepth
 from relay_server.session.session import SessionSnapshot, SessionState
@@ -133,14 +134,14 @@ def to_request(config: SessionConfig) -> pb.StartSessionRequest:
         height=config.height,
         max_fps=config.max_fps,
         encoder=pb.EncoderSettings(
-            preset=config.encoder.preset, bitrate=config.encoder.bitrate, gop=_duration(config.encoder.gop)
+            preset=config.encoder.preset, bitrate=config.encoder.bitrate, gop=duration(config.encoder.gop)
         ),
         scale_mode=pb.SCALE_MODE_CROP if config.scale_mode is ScaleMode.CROP else pb.SCALE_MODE_LETTERBOX,
         allow_shared_processor=config.allow_shared_processor,
         output_fill=pb.OUTPUT_FILL_HOLD if config.fill is FillMode.HOLD else pb.OUTPUT_FILL_REPEAT,
-        offer_timeout=_duration(config.offer_timeout),
+        offer_timeout=duration(config.offer_timeout),
         mode={mode: value for value, mode in MODES.items() if value}[config.mode],
-        latency_budget=_duration(config.latency_budget),
+        latency_budget=duration(config.latency_budget),
     )
 
 
@@ -167,10 +168,10 @@ def to_session(snapshot: SessionSnapshot) -> pb.Session:
             frames_encoded=stats.frames_encoded,
             frames_published=stats.frames_published,
             latency=pb.LatencyStats(
-                p50=_duration(link.latency_p50),
-                p95=_duration(link.latency_p95),
-                p99=_duration(link.latency_p99),
-                average=_duration(link.latency_mean),
+                p50=duration(link.latency_p50),
+                p95=duration(link.latency_p95),
+                p99=duration(link.latency_p99),
+                average=duration(link.latency_mean),
             ),
             queues=[_queue(q) for q in queues],
             drops=stats.drops,
@@ -196,7 +197,7 @@ def _queue(depth: QueueDepth) -> pb.QueueStats:
     return pb.QueueStats(name=depth.name, depth=depth.depth, capacity=depth.capacity, unit=depth.unit)
 
 
-def _duration(seconds: float) -> Duration | None:
+def duration(seconds: float) -> Duration | None:
     """A Duration, or None (unset) for an unmeasured NaN."""
     if math.isnan(seconds):
         return None

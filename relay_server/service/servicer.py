@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -32,7 +31,7 @@ from relay_server.errors import (
     SessionEnded,
 )
 from relay_server.service import bounds, pages
-from relay_server.service.convert import seconds, to_config, to_dicts, to_session, to_structs
+from relay_server.service.convert import duration, seconds, to_config, to_dicts, to_session, to_structs
 from relay_server.session.config import resize_problem
 from relay_server.session.manager import SessionManager
 from relay_server.session.paths import VideoMode
@@ -90,7 +89,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateSessionResponse:
         async with _reported(context):
-            _check_update(request)
+            requests = _check_update(request)
             session = self.manager.get(request.session_id)
             subject = f"sessions/{request.session_id}"
             if session.state.ended:
@@ -108,7 +107,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
                     )
                 if problem:
                     raise ConfigError([FieldViolation("width", problem)], message=problem)
-            replies = await self.manager.update(request.session_id, _control_requests(request))
+            replies = await self.manager.update(request.session_id, requests)
         return pb.UpdateSessionResponse(session=to_session(session.snapshot()), replies=to_structs(replies))
 
     async def WatchSession(
@@ -128,7 +127,8 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
                 yield pb.WatchSessionResponse(session=to_session(snapshot))
 
 
-def _check_update(request: pb.UpdateSessionRequest) -> None:
+def _check_update(request: pb.UpdateSessionRequest) -> list[dict[str, Any]]:
+    """The control requests an UpdateSession asks for, once its fields are checked."""
     bounds.check_session_id(request.session_id)
     bounds.check_prompts(request.prompts)
     if request.pause not in PAUSE_ACTIONS:
@@ -136,9 +136,11 @@ def _check_update(request: pb.UpdateSessionRequest) -> None:
     if (request.width == 0) != (request.height == 0):
         problem = FieldViolation("width" if request.width == 0 else "height", "set both or neither")
         raise ConfigError([problem], message="width and height go together")
-    if not _control_requests(request):
+    requests = _control_requests(request)
+    if not requests:
         problem = FieldViolation("prompts", "empty, and no other field set either")
         raise ConfigError([problem], message="nothing to update: give prompts, width and height, or pause")
+    return requests
 
 
 def _control_requests(request: pb.UpdateSessionRequest) -> list[dict[str, Any]]:
@@ -162,10 +164,15 @@ async def _reported(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     except grpc.aio.AbortError:
         raise
     except RelayError as error:
-        await context.abort_with_status(rpc_status.to_status(to_status(error)))
+        await abort(context, error)
     except Exception:
         log.exception("RelayService call failed")
-        await context.abort_with_status(rpc_status.to_status(to_status(RelayError("internal error"))))
+        await abort(context, RelayError("internal error"))
+
+
+async def abort(context: grpc.aio.ServicerContext, error: RelayError) -> None:
+    """End the RPC with `error`'s status and details."""
+    await context.abort_with_status(rpc_status.to_status(to_status(error)))
 
 
 def to_status(error: RelayError) -> status_pb2.Status:
@@ -182,9 +189,7 @@ def to_status(error: RelayError) -> status_pb2.Status:
             )
         )
     if error.retry_after is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(round(error.retry_after * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration(error.retry_after)))
     if error.precondition is not None:
         kind, subject, description = error.precondition
         violation = error_details_pb2.PreconditionFailure.Violation(
@@ -195,7 +200,5 @@ def to_status(error: RelayError) -> status_pb2.Status:
     details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
     status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message)
     for detail in details:
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        status.details.append(packed)
+        status.details.add().Pack(detail)
     return status

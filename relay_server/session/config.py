@@ -24,8 +24,6 @@ from relay_server.media.timeline import LATENCY_BUDGET
 from relay_server.session.paths import VideoMode
 from relay_server.session.relay import FillMode
 
-__all__ = ["ConfigError", "FieldViolation", "HostNotAllowed", "SessionConfig", "check_hosts", "validate"]
-
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 GATEWAY_REQUEST_ID = re.compile(r"[!-~]{0,128}")  # printable ASCII, no spaces
 MAX_URL_LENGTH = 2048  # characters; far beyond any trickle or processor URL
@@ -225,10 +223,11 @@ def check_hosts(config: SessionConfig, allowed_hosts: frozenset[str]) -> None:
     The URLs must have passed validate()."""
     if not allowed_hosts:
         return
+    hosts = {name: parse_url(url).host for name, url in config.urls.items()}
     problems = [
-        FieldViolation(name, f"host {_shown(parse_url(url).host)} is not in the relay's allow-list")
-        for name, url in config.urls.items()
-        if parse_url(url).host not in allowed_hosts
+        FieldViolation(name, f"host {_shown(host)} is not in the relay's allow-list")
+        for name, host in hosts.items()
+        if host not in allowed_hosts
     ]
     if problems:
         raise HostNotAllowed(problems)

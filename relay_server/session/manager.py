@@ -37,18 +37,6 @@ from relay_server.session.session import Session, SessionSnapshot
 from relay_server.webrtc.control import ControlError, ControlRejected
 from relay_server.webrtc.link import LinkSettings
 
-__all__ = [
-    "KEEP_ENDED",
-    "KEEP_ENDED_BYTES",
-    "MAX_SESSIONS",
-    "LimitReached",
-    "NotAccepting",
-    "ProcessorBusy",
-    "SessionExists",
-    "SessionManager",
-    "SessionNotFound",
-]
-
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 8

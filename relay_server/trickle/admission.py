@@ -153,7 +153,7 @@ class AdmissionSite(web.BaseSite):
 
     __slots__ = ("_admission", "_host", "_port")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, admission: Admission) -> None:
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, admission: Admission) -> None:
         super().__init__(runner)
         self._host = host
         self._port = port

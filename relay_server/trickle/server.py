@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from bisect import bisect_right
 from collections import Counter
@@ -25,7 +26,7 @@ from types import TracebackType
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from relay_server.serving import listen_error, until_signalled, url_host
+from relay_server.serving import bind, until_signalled
 from relay_server.trickle.admission import Admission, AdmissionSite
 from relay_server.trickle.limits import BufferBudget, BuffersFull, SegmentTooLarge, TrickleLimits
 from relay_server.trickle.protocol import (
@@ -503,9 +504,11 @@ class TrickleServer:
         app.router.add_get("/{channel}/{seq}", self._get, allow_head=False)
         app.router.add_post("/{channel}/{seq}", self._post)
         app.router.add_delete("/{channel}/{seq}", self._delete_segment)
-        runner = web.AppRunner(
+        self._runner, self.port, self.url = await bind(
             app,
-            access_log=None,
+            self.host,
+            self.port,
+            site=functools.partial(AdmissionSite, admission=self.admission),
             # Without it aiohttp keeps running a long-poll whose client has gone.
             handler_cancellation=True,
             shutdown_timeout=_STOP_GRACE,
@@ -514,18 +517,6 @@ class TrickleServer:
             keepalive_timeout=self.limits.header_timeout,
             logger=_http_logger,
         )
-        await runner.setup()
-        try:
-            await AdmissionSite(runner, self.host, self.port, self.admission).start()
-        except OSError as error:
-            await runner.cleanup()
-            raise listen_error(self.host, self.port, error) from error
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-        self.url = f"http://{url_host(self.host)}:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is None or self._stopping:

@@ -21,7 +21,7 @@ link's encode thread; RTCP keyframe requests reach it through request_keyframe()
 At most `max_in_flight` frames are out at the processor at once (sent, not yet back): ComfyStream
 queues every input frame and a slow pipeline would fall ever further behind; held back, the
 frames wait in the hand-off, where the timeline lets those past the budget go, counting the time a
-frame sent now would wait at the processor behind the others (the last few round trips).
+frame sent now would wait at the processor behind the others (InFlight.wait(): its pace).
 
 Zero-transcode: the hand-off may give the input's own encoded access units instead of decoded
 frames. They are paced the same way and go out as they are, but never one by one: a unit past
