@@ -52,7 +52,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from relay_server.media.encoder import CLOCK, VideoEncoder
 from relay_server.media.handoff import FrameQueue, Taken
-from relay_server.media.timeline import TICKS, Decision, SessionTimeline
+from relay_server.media.timeline import JOIN_TOLERANCE, TICKS, Decision, SessionTimeline
 from relay_server.webrtc.roundtrip import RoundTrip
 
 # Seconds without a new input frame before the last one is sent again: well inside
@@ -293,10 +293,10 @@ class SendTrack(MediaStreamTrack):
         if isinstance(frame, av.Packet):
             # Units cannot be replaced by newer ones, so the sender keeps within the budget by
             # whole GOPs: a unit more than the budget behind the live edge goes with the units
-            # up to the newest keyframe queued; one held here longer than the budget (the
-            # processor takes them more slowly than they come: they wait for room at it) goes
-            # with the rest of its GOP. A join's backlog, behind as it arrived, is caught up
-            # instead (sent at once: the processor decodes faster than real time).
+            # up to the newest keyframe queued; one that would come back later than the budget
+            # after it arrived (the processor takes them more slowly than they come) goes with
+            # the rest of its GOP. A join's backlog, behind as it arrived, is caught up instead
+            # (sent at once: the processor decodes faster than real time).
             units = self._frames.units
             if units is not None and timeline.behind(media, now) > timeline.budget:
                 skip = units.newest_keyframe
@@ -304,7 +304,7 @@ class SendTrack(MediaStreamTrack):
                     units.skip(skip)
                     timeline.stats.late += 1
                     return None
-            if units is not None and now - taken.ready > timeline.budget:
+            if units is not None and self._unit_late(taken, media, now, timeline):
                 units.let_gop_go()
                 timeline.stats.late += 1
                 return None
@@ -328,6 +328,15 @@ class SendTrack(MediaStreamTrack):
             self.stats.paced_seconds += delay
             await asyncio.sleep(delay)
         return placed.session
+
+    def _unit_late(self, taken: Taken, media: int, now: float, timeline: SessionTimeline) -> bool:
+        """The unit would come back more than the budget after it was handed over: the time it
+        has been held here, and, when it arrived live, the frames at the processor before it at
+        its pace. A join's backlog, behind as it arrived, is caught up: only its time here counts."""
+        held = now - taken.ready
+        if timeline.behind(media, taken.ready) > JOIN_TOLERANCE:
+            return held > timeline.budget
+        return held + (self._in_flight.wait() or 0.0) > timeline.budget
 
     async def drain(self) -> None:
         """Wait until an encode this track started has finished (a cancelled recv() leaves it
