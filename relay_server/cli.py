@@ -178,6 +178,12 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
         "--drop-every", type=int, default=0, metavar="N", help="drop every Nth input frame (0: none)"
     )
     parser.add_argument(
+        "--loopback",
+        action="store_true",
+        help="send the video back as it came, neither decoded nor encoded (no effects, none of the "
+        "knobs above): a processor that costs almost nothing, to measure the relay alone",
+    )
+    parser.add_argument(
         "--input-timeout",
         type=float,
         default=5.0,
@@ -190,14 +196,18 @@ def _add_processor(commands: argparse._SubParsersAction) -> None:
         from relay_server.processor.pipeline import Knobs
         from relay_server.processor.server import serve_forever
 
-        knobs = Knobs(
-            delay_ms=args.delay_ms,
-            drop_every=args.drop_every,
-            max_fps=args.max_fps,
-            input_timeout=args.input_timeout,
-            queue=args.queue,
-            loss=args.loss,
-        )
+        try:
+            knobs = Knobs(
+                delay_ms=args.delay_ms,
+                drop_every=args.drop_every,
+                max_fps=args.max_fps,
+                input_timeout=args.input_timeout,
+                queue=args.queue,
+                loss=args.loss,
+                loopback=args.loopback,
+            )
+        except ValueError as error:
+            parser.error(str(error))
         host, port = args.listen
         eventloop.run(serve_forever(host, port, knobs))
         return 0

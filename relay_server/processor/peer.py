@@ -1,7 +1,8 @@
 """One client's peer connection: the offer/answer, the returned track and the data channels.
 
 The processed video goes back on the transceiver the video arrived on (sendrecv), with H.264 as
-its only codec. Audio, if offered, is echoed back with Opus first: echoing consumes the incoming
+its only codec (with the loopback knob, the video that came, undecoded: loopback.py).
+Audio, if offered, is echoed back with Opus first: echoing consumes the incoming
 track, which otherwise would queue its decoded frames without bound.
 """
 
@@ -23,6 +24,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from relay_server.processor.control import ControlChannel
+from relay_server.processor.loopback import LoopbackTrack
 from relay_server.processor.lossy import LossyLink
 from relay_server.processor.pipeline import Pipeline
 from relay_server.processor.track import ProcessingTrack
@@ -59,7 +61,7 @@ class Peer:
         self.with_prompts = with_prompts
         # No ICE servers: aiortc would otherwise query a public STUN server for every connection.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.tracks: list[ProcessingTrack] = []
+        self.tracks: list[ProcessingTrack | LoopbackTrack] = []
         loss = pipeline.knobs.loss
         self.lossy = LossyLink(loss) if loss else None  # the `loss` knob: media packets dropped
         self.closed = asyncio.Event()
@@ -87,7 +89,15 @@ class Peer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video":
-            processed = ProcessingTrack(track, self.pipeline, with_prompts=self.with_prompts)
+            knobs = self.pipeline.knobs
+            if knobs.loopback:
+                transceiver = next(t for t in self.pc.getTransceivers() if t.receiver.track is track)
+                loopback = LoopbackTrack(track, transceiver.receiver, input_timeout=knobs.input_timeout)
+                # An RTCP PLI from the relay goes on to the relay: only its sender makes keyframes.
+                transceiver.sender._send_keyframe = loopback.request_keyframe  # type: ignore[method-assign]
+                processed: ProcessingTrack | LoopbackTrack = loopback
+            else:
+                processed = ProcessingTrack(track, self.pipeline, with_prompts=self.with_prompts)
             self.tracks.append(processed)
             self.pc.addTrack(processed)  # takes the sender of the transceiver the track came on
         else:

@@ -30,7 +30,8 @@ class Knobs:
     queue: input frames kept in arrival order and processed oldest first, as ComfyStream does
     (it queues without bound; this is its bound, the oldest dropping beyond it; 0: only the
     newest frame is kept); loss: the share of RTP packets its link drops each way, as a network
-    would (lossy.py; 0: none)."""
+    would (lossy.py; 0: none); loopback: the video goes back as it came, undecoded (loopback.py:
+    no effects, and none of the processing knobs apply)."""
 
     delay_ms: float = 0.0
     drop_every: int = 0
@@ -38,12 +39,15 @@ class Knobs:
     input_timeout: float = 5.0
     queue: int = 0
     loss: float = 0.0
+    loopback: bool = False
 
     def __post_init__(self) -> None:
         if min(self.delay_ms, self.drop_every, self.max_fps, self.input_timeout, self.queue, self.loss) < 0:
             raise ValueError(f"knobs must not be negative: {self}")
         if self.loss >= 1:
             raise ValueError(f"loss must be below 1: {self}")
+        if self.loopback and (self.delay_ms or self.drop_every or self.max_fps or self.queue):
+            raise ValueError("loopback returns the video undecoded: it takes no processing knobs")
 
 
 class Pipeline:

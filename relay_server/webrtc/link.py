@@ -296,13 +296,15 @@ class ProcessorLink:
         return reply
 
     async def drain(self, within: float) -> None:
-        """Wait, at most `within` seconds, until every frame sent has come back: the input has
-        ended and its last frames are still at the processor."""
+        """Wait, at most `within` seconds, until every frame has been sent and has come back:
+        the input has ended, and its last frames may still be on their way (paced at their media
+        time) or at the processor."""
         connection = self._connection
         if connection is None or self.state is not LinkState.CONNECTED:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
+                await connection.track.sent_all.wait()
                 await connection.in_flight.drained()
 
     # -- the connection loop -----------------------------------------------------------------

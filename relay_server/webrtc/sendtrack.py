@@ -200,6 +200,7 @@ class SendTrack(MediaStreamTrack):
         self._flushed = False  # the last frame went out once more after the input ended
         self._repeating = False  # the last frame sent was a repeat
         self._after_units = False  # the last thing sent was an access unit: the next frame is an IDR
+        self.sent_all = asyncio.Event()  # the input ended and its last frame went out
         self._encode_loop = asyncio.get_running_loop()
 
     def request_keyframe(self) -> None:
@@ -221,6 +222,7 @@ class SendTrack(MediaStreamTrack):
                 # processor's jitter buffer, which releases a frame only when the next one starts.
                 current = self._frames.current
                 if self._flushed or current is None:
+                    self.sent_all.set()
                     break
                 self._flushed = True
                 taken = Taken(current, False, time.monotonic())

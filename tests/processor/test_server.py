@@ -203,3 +203,26 @@ async def test_closed_peer_stops_the_prompts(processor: ProcessorServer, make_cl
     # ComfyStream's behaviour: a closed connection stops the prompts for everyone.
     await asyncio.wait_for(peer.closed.wait(), 10)
     assert processor.peers == [] and processor.pipeline.prompts == []
+
+
+async def test_loopback_returns_what_it_gets_and_passes_keyframe_requests_on(
+    make_processor: MakeProcessor, make_client: MakeClient
+) -> None:
+    """Loopback, the processor sends the video back undecoded (prompts change nothing), and a
+    keyframe request for it goes on to the video's sender, the only one that can make one."""
+    processor = await make_processor(loopback=True)
+    client = make_client()
+    video = client.pc.getTransceivers()[0]
+    asked = asyncio.Event()
+    send_keyframe = video.sender._send_keyframe
+    video.sender._send_keyframe = lambda: (asked.set(), send_keyframe())
+    assert (await client.offer(processor.url, prompts=[graph("ImageInvert")]))[0] == 200
+    frames = await client.frames(10)
+    left, right, colour = halves(frames[-1])
+    assert abs(left - DARK) < 8 and abs(right - BRIGHT) < 8 and colour > 20  # not inverted
+    (track,) = processor.peers[0].tracks
+    assert track.frames_out >= 10 and track.stats()["dropped"] == 0
+    assert not asked.is_set()
+    (source,) = video.receiver.getSynchronizationSources()
+    await video.receiver._send_rtcp_pli(source.source)  # as a receiver that lost the picture does
+    await asyncio.wait_for(asked.wait(), 5)

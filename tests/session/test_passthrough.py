@@ -114,6 +114,28 @@ async def test_passthrough_forwards_and_remuxes_without_decoding_or_encoding(
     assert min(scores) >= PSNR_MIN, f"PSNR {min(scores):.1f} dB"
 
 
+@pytest.mark.parametrize("mode", [VideoMode.PASSTHROUGH, VideoMode.TRANSCODE], ids=lambda mode: mode.value)
+async def test_a_loopback_processor_returns_the_video_it_is_sent_undecoded(
+    trickle_server: TrickleServer, mode: VideoMode
+) -> None:
+    """The loopback processor (a capacity bench's: it costs almost nothing) sends back the H.264 it
+    gets, so forwarded and remuxed the output is the input picture for picture, with no
+    re-encode anywhere; transcoded, it is the relay's own encode of it."""
+    clip = make_clip(QUALIFIES)
+    stats, segments = await relayed(trickle_server, [clip], knobs=Knobs(loopback=True), video_mode=mode)
+    frames = check_output(segments)
+    inputs = by_index(decoded(clip.data))
+    outputs = by_index(frames)
+    # Every frame, the last ones too: the relay ends once they were sent and came back.
+    assert sorted(outputs) == list(range(QUALIFIES.frames))
+    scores = [psnr(outputs[index], inputs[index]) for index in outputs]
+    if mode is VideoMode.PASSTHROUGH:
+        assert (stats.paths.send, stats.paths.output) == ("forward", "remux")
+        assert scores == [float("inf")] * len(scores)
+    else:
+        assert min(scores) >= PSNR_MIN, f"PSNR {min(scores):.1f} dB"
+
+
 async def test_the_processor_returns_at_the_bitrate_it_is_asked_for(trickle_server: TrickleServer) -> None:
     """No bandwidth estimate runs (it would ramp the processor's encoder from aiortc's 1 Mbit/s
     whatever the session's bitrate): the processor is asked for the bitrate, and the remuxed
