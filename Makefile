@@ -10,8 +10,9 @@ PY_SOURCES := $(wildcard relay_server tests bench clients)
 # The Node.js client's dependencies, installed for `make test` when npm is here (its test skips otherwise).
 NPM := $(shell command -v npm 2>/dev/null)
 NODE_DEPS := $(if $(NPM),clients/node/node_modules)
-# ffprobe (Debian's ffmpeg) lets a test read the demo's output the way players do.
-SYSTEM_TOOLS := $(if $(shell command -v ffprobe 2>/dev/null),,system-tools)
+# ffprobe (Debian's ffmpeg) lets a test read the demo's output the way players do; nginx is the
+# proxy in front of several replicas (deploy/nginx/nginx.conf, tests/service/test_proxy.py).
+SYSTEM_TOOLS := $(if $(and $(shell command -v ffprobe 2>/dev/null),$(shell command -v nginx 2>/dev/null || test -x /usr/sbin/nginx && echo nginx)),,system-tools)
 
 .PHONY: all demo test soak bench bench-quick lint clean system-tools
 
@@ -29,12 +30,13 @@ demo: $(INSTALLED)
 test: $(INSTALLED) $(NODE_DEPS) $(SYSTEM_TOOLS)
 	$(PY) -m pytest -q
 
+DEBIAN_PACKAGES := ffmpeg nginx-light
 system-tools:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		{ apt-get install -y -q --no-install-recommends ffmpeg >/dev/null 2>&1 \
-		  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ffmpeg >/dev/null; }; } \
-		|| echo "ffmpeg could not be installed: the ffprobe test will be skipped"; \
-	else echo "no apt-get as root here: the ffprobe test will be skipped"; fi
+		{ apt-get install -y -q --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null 2>&1 \
+		  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; }; } \
+		|| echo "$(DEBIAN_PACKAGES) could not be installed: the ffprobe and nginx tests will be skipped"; \
+	else echo "no apt-get as root here: the ffprobe and nginx tests will be skipped"; fi
 
 # A failed install (no registry) only means the Node client's test skips, saying why.
 clients/node/node_modules: clients/node/package.json clients/node/package-lock.json

@@ -313,6 +313,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (env RELAY_LOG_LEVEL, default INFO)",
     )
     add(
+        "--replica",
+        type=_checked(settings.parse_replica),
+        metavar="NAME",
+        help="this relay's name among replicas behind a proxy: the session ids it makes start "
+        "with 'NAME.', which the proxy routes by (env RELAY_REPLICA, default none)",
+    )
+    add(
         "--drain-grace",
         type=_checked(settings.parse_seconds),
         metavar="SECONDS",
@@ -343,6 +350,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                 log_format=pick(args.log_format, settings.log_format),
                 log_level=level,
                 drain_grace=pick(args.drain_grace, settings.drain_grace),
+                replica=pick(args.replica, settings.replica),
             )
             options.check()
         except ValueError as error:

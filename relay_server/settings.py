@@ -37,6 +37,9 @@ RELAY_LOG_FORMAT     "text" (one line per record, `[session=ID]` on a session's 
 RELAY_LOG_LEVEL      DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level; default INFO).
 RELAY_DRAIN_GRACE    seconds in-flight RPCs get to finish on SIGTERM/SIGINT once every session is
                      stopped, before they are cancelled (--drain-grace; default 5).
+RELAY_REPLICA        this relay's name among replicas behind a proxy (1-63 letters, digits, '_'
+                     or '-'; a StatefulSet pod's name): the session ids it makes start with
+                     "NAME.", which the proxy routes by (--replica; default none: plain UUIDs).
 
 `trickle-relay trickle-server` bounds what clients can make it hold with these, each a flag too.
 
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -262,6 +266,20 @@ def log_level() -> str:
 
 def drain_grace() -> float:
     return _env("RELAY_DRAIN_GRACE", "5", parse_seconds)
+
+
+REPLICA_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
+def parse_replica(text: str) -> str | None:
+    """A replica name, or None when empty."""
+    if text and not REPLICA_NAME.fullmatch(text):
+        raise ValueError(f"use 1-63 letters, digits, '_' or '-', got {text!r}")
+    return text or None
+
+
+def replica() -> str | None:
+    return _env("RELAY_REPLICA", "", parse_replica)
 
 
 # -- `trickle-relay trickle-server`: the embedded trickle server's limits (trickle/limits.py) ------

@@ -56,6 +56,7 @@ class ServeOptions:
     log_format: str = "text"
     log_level: str = "INFO"
     drain_grace: float = DRAIN_GRACE
+    replica: str | None = None  # None: session ids the relay makes are plain UUIDs
 
     @classmethod
     def from_env(cls) -> ServeOptions:
@@ -71,6 +72,7 @@ class ServeOptions:
             log_format=settings.log_format(),
             log_level=settings.log_level(),
             drain_grace=settings.drain_grace(),
+            replica=settings.replica(),
         )
 
     def check(self) -> None:
@@ -125,6 +127,7 @@ class RelayApp:
             port=port,
             credentials=credentials,
             interceptors=interceptors,
+            replica=options.replica,
         )
         self.metrics_url: str | None = None
         self._metrics: web.AppRunner | None = None

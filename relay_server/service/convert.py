@@ -51,8 +51,14 @@ STATES = {
 DEFAULT_OFFER_TIMEOUT = 60.0
 
 
-def to_config(request: pb.StartSessionRequest) -> SessionConfig:
-    """The session a StartSessionRequest asks for; ConfigError for values no field can hold."""
+def new_session_id(replica: str | None) -> str:
+    return str(uuid.uuid4()) if replica is None else f"{replica}.{uuid.uuid4()}"
+
+
+def to_config(request: pb.StartSessionRequest, replica: str | None = None) -> SessionConfig:
+    """The session a StartSessionRequest asks for; ConfigError for values no field can hold.
+    Without a session id it gets a UUID, qualified as "REPLICA.UUID" by a named `replica` (a
+    proxy in front of several sends the session's later calls to it by that)."""
     problems: list[FieldViolation] = []
     scale_mode = SCALE_MODES.get(request.scale_mode)
     if scale_mode is None:
@@ -69,7 +75,7 @@ def to_config(request: pb.StartSessionRequest) -> SessionConfig:
     defaults = EncoderSettings()
     encoder = request.encoder
     return SessionConfig(
-        session_id=request.session_id or str(uuid.uuid4()),
+        session_id=request.session_id or new_session_id(replica),
         subscribe_url=request.subscribe_url,
         publish_url=request.publish_url,
         processor_url=request.processor_url,

@@ -68,8 +68,10 @@ class RelayServer:
         port: int = 0,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        replica: str | None = None,
     ) -> None:
         self.manager = manager
+        self.replica = replica
         self.host = host
         self.port = port
         self.health = DrainingHealth()
@@ -83,7 +85,7 @@ class RelayServer:
 
     async def start(self) -> None:
         server = grpc.aio.server(interceptors=self._interceptors)
-        pb_grpc.add_RelayServiceServicer_to_server(RelayServicer(self.manager), server)
+        pb_grpc.add_RelayServiceServicer_to_server(RelayServicer(self.manager, self.replica), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)

@@ -44,15 +44,16 @@ PAUSE_ACTIONS = (pb.PAUSE_ACTION_UNSPECIFIED, pb.PAUSE_ACTION_PAUSE, pb.PAUSE_AC
 
 
 class RelayServicer(pb_grpc.RelayServiceServicer):
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: SessionManager, replica: str | None = None) -> None:
         self.manager = manager
+        self.replica = replica  # qualifies the session ids this relay makes
 
     async def StartSession(
         self, request: pb.StartSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartSessionResponse:
         async with _reported(context):
             bounds.check_prompts(request.prompts)
-            snapshot = await self.manager.start(to_config(request))
+            snapshot = await self.manager.start(to_config(request, self.replica))
         return pb.StartSessionResponse(session=to_session(snapshot))
 
     async def StopSession(

@@ -12,7 +12,7 @@ import contextlib
 import io
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,3 +372,22 @@ async def make_watcher() -> AsyncIterator[Callable[..., Watcher]]:
     for watcher in watchers:
         with contextlib.suppress(Exception):
             await watcher.close()
+
+
+@pytest.fixture
+def dead_processor() -> Iterator[str]:
+    """A loopback URL whose port is bound but not listening (held for the test, so nothing else
+    can take it): every connection is refused, and a session's link keeps retrying."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+async def quiet_channel(trickle_server: TrickleServer) -> str:
+    """An input channel that exists and gets no media: a session reading it just waits."""
+    url = trickle_server.channel_url("ops-in")
+    publisher = Publisher(url)
+    await publisher.create_channel()
+    await publisher.close(delete_channel=False)
+    return url

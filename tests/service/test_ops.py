@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,25 +102,6 @@ async def channel_to(app: RelayApp, credentials: grpc.ChannelCredentials | None 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
-
-
-@pytest.fixture
-def dead_processor() -> Iterator[str]:
-    """A loopback URL whose port is bound but not listening (held for the test, so nothing else
-    can take it): every connection is refused, and a session's link keeps retrying."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@pytest.fixture
-async def quiet_channel(trickle_server: TrickleServer) -> str:
-    """An input channel that exists and gets no media: a session reading it just waits."""
-    url = trickle_server.channel_url("ops-in")
-    publisher = Publisher(url)
-    await publisher.create_channel()
-    await publisher.close(delete_channel=False)
-    return url
 
 
 @pytest.fixture
@@ -230,6 +212,27 @@ async def test_a_draining_relay_takes_no_new_sessions(
             await stub.StartSession(start_request("second"), timeout=RPC_TIMEOUT)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         await asyncio.wait_for(drain, 10)
+
+
+async def test_a_named_replica_qualifies_the_session_ids_it_makes_and_no_others(
+    make_app: MakeApp, start_request: Callable[[str], pb.StartSessionRequest]
+) -> None:
+    """Behind a proxy, the ids a replica makes say whose sessions they are (the proxy routes by
+    them); an id the client chose stays as it is."""
+    named, plain = await make_app(replica="edge-7"), await make_app()
+    made = []
+    for app in (named, plain):
+        async with channel_to(app) as channel:
+            stub = pb_grpc.RelayServiceStub(channel)
+            request, chosen = start_request(""), start_request("cam-1")
+            for each in (request, chosen):
+                each.publish_url += f"-{app.port}"
+                each.allow_shared_processor = True
+            made.append((await stub.StartSession(request, timeout=RPC_TIMEOUT)).session.session_id)
+            assert (await stub.StartSession(chosen, timeout=RPC_TIMEOUT)).session.session_id == "cam-1"
+    replica, qualified = made[0].split(".", 1)
+    assert replica == "edge-7" and uuid.UUID(qualified)
+    assert uuid.UUID(made[1])
 
 
 # -- authentication --------------------------------------------------------------------------------
@@ -670,6 +673,8 @@ async def test_serve_runs_until_sigterm_then_drains_and_exits_0(
         ([], {"RELAY_DRAIN_GRACE": "nan"}, "RELAY_DRAIN_GRACE: must be a finite number"),
         ([], {"RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT: expected one of text, json"),
         ([], {"RELAY_TLS_KEY": "/nonexistent/key.pem"}, "RELAY_TLS_KEY: no such file"),
+        (["--replica", "relay.0"], {}, "argument --replica: use 1-63 letters, digits, '_' or '-'"),
+        ([], {"RELAY_REPLICA": "a" * 64}, "RELAY_REPLICA: use 1-63 letters"),
     ],
 )
 def test_invalid_options_exit_2_saying_what_is_wrong(
@@ -737,6 +742,7 @@ def test_serve_help_lists_every_variable(capsys: pytest.CaptureFixture[str]) -> 
         "RELAY_LOG_FORMAT",
         "RELAY_LOG_LEVEL",
         "RELAY_DRAIN_GRACE",
+        "RELAY_REPLICA",
         "TRICKLE_CHUNK_SIZE",
         "TRICKLE_BUFFER_SIZE",
         "TRICKLE_TIMEOUT",
