@@ -313,6 +313,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (env RELAY_LOG_LEVEL, default INFO)",
     )
     add(
+        "--workers",
+        type=_checked(settings.parse_worker_processes),
+        metavar="N",
+        help="run sessions in N worker processes behind this endpoint, each with its own event "
+        "loop (env RELAY_WORKERS, default 1: in this process; 0: one per two cores)",
+    )
+    add(
         "--replica",
         type=_checked(settings.parse_replica),
         metavar="NAME",
@@ -351,6 +358,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                 log_level=level,
                 drain_grace=pick(args.drain_grace, settings.drain_grace),
                 replica=pick(args.replica, settings.replica),
+                workers=pick(args.workers, settings.worker_processes),
             )
             options.check()
         except ValueError as error:

@@ -107,6 +107,14 @@ class NotAccepting(RelayError):
     retry_after = 1.0  # another replica, or this one once restarted
 
 
+class WorkerDown(RelayError):
+    """The worker process running the session is being started again."""
+
+    reason = "WORKER_DOWN"
+    code = "UNAVAILABLE"
+    retry_after = 1.0  # a worker starts in about a second
+
+
 class ProcessorBusy(RelayError):
     """Another session uses this processor, and processors are single-tenant unless allowed."""
 

@@ -37,6 +37,9 @@ RELAY_LOG_FORMAT     "text" (one line per record, `[session=ID]` on a session's 
 RELAY_LOG_LEVEL      DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level; default INFO).
 RELAY_DRAIN_GRACE    seconds in-flight RPCs get to finish on SIGTERM/SIGINT once every session is
                      stopped, before they are cancelled (--drain-grace; default 5).
+RELAY_WORKERS        processes running sessions behind the one gRPC endpoint, each with its own
+                     event loop; a new session goes to the one running the fewest (--workers;
+                     default 1: this process runs them; 0: one per two cores of this machine).
 RELAY_REPLICA        this relay's name among replicas behind a proxy (1-63 letters, digits, '_'
                      or '-'; a StatefulSet pod's name): the session ids it makes start with
                      "NAME.", which the proxy routes by (--replica; default none: plain UUIDs).
@@ -266,6 +269,20 @@ def log_level() -> str:
 
 def drain_grace() -> float:
     return _env("RELAY_DRAIN_GRACE", "5", parse_seconds)
+
+
+def worker_processes() -> int:
+    return _env("RELAY_WORKERS", "1", parse_worker_processes)
+
+
+def parse_worker_processes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a number of processes, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"must be at least 0 (0: one per two cores), got {value}")
+    return value
 
 
 REPLICA_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")

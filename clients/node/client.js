@@ -5,7 +5,7 @@
 //       [--control-url URL] [--events-url URL] [--data-url URL] [--gateway-request-id ID]
 //       [--width W --height H] [--max-fps N] [--preset P] [--bitrate BPS] [--gop S]
 //       [--scale-mode letterbox|crop] [--fill repeat|hold] [--mode auto|transcode|passthrough]
-//       [--allow-shared-processor] [--offer-timeout S] [--latency-budget S]
+//       [--allow-shared-processor] [--offer-timeout S] [--latency-budget S] [--attempts N]
 //   node client.js get ID
 //   node client.js list                   (every session: follows ListSessions' pages to the end)
 //   node client.js watch ID [--count N] [--interval S]
@@ -14,6 +14,11 @@
 // Options: --server HOST:PORT (default $RELAY_ADDRESS or 127.0.0.1:50051), --token TOKEN
 // (default $RELAY_AUTH_TOKEN; sent as `authorization: Bearer TOKEN`), --tls, --ca-cert PATH.
 // Prints JSON (watch: one snapshot a line). Exit status: 1 for an RPC error, 2 for bad usage.
+//
+// Behind a proxy in front of several relay replicas: every call that names a session carries it as
+// `relay-session-id` metadata, for the proxy to route by. `start` without --id, refused by a full
+// (SESSION_LIMIT_REACHED) or draining (DRAINING) replica, is tried again at once, up to --attempts
+// times (default 3).
 'use strict';
 
 const fs = require('node:fs');
@@ -21,15 +26,24 @@ const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+// The protobufjs that @grpc/proto-loader is built on (package.json names no copy of its own).
+const protobuf = require(
+  require.resolve('protobufjs', { paths: [path.dirname(require.resolve('@grpc/proto-loader'))] }),
+);
 
 const PROTO_ROOT = path.join(__dirname, '..', '..', 'proto');
 const DEADLINE_MS = 30_000;
+const DEFAULT_ATTEMPTS = 3; // StartSession calls for `start` without --id
+// A proxy cannot read protobuf requests: it routes a call to the replica that owns the session by this header.
+const SESSION_HEADER = 'relay-session-id';
+// The refusals of a StartSession that created nothing, and that another replica may accept.
+const RETRIED_REASONS = new Set(['SESSION_LIMIT_REACHED', 'DRAINING']);
 const USAGE = `usage: node client.js [--server HOST:PORT] [--token T] [--tls] [--ca-cert PATH] COMMAND
   start --subscribe-url URL --publish-url URL --processor-url URL [--id ID] [--prompts JSON]
         [--control-url URL] [--events-url URL] [--data-url URL] [--gateway-request-id ID]
         [--width W --height H] [--max-fps N] [--preset P] [--bitrate BPS] [--gop S]
         [--scale-mode letterbox|crop] [--fill repeat|hold] [--mode auto|transcode|passthrough]
-        [--allow-shared-processor] [--offer-timeout S] [--latency-budget S]
+        [--allow-shared-processor] [--offer-timeout S] [--latency-budget S] [--attempts N]
   get ID | stop ID | list
   watch ID [--count N] [--interval S]`;
 
@@ -45,6 +59,38 @@ function loadService() {
     oneofs: true,
   });
   return grpc.loadPackageDefinition(definition).relay.v1.RelayService;
+}
+
+// -- error details ----------------------------------------------------------------------------------
+
+// google.rpc.Status and ErrorInfo, as far as this client reads them (decoding skips other fields).
+const RPC_TYPES = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        protobuf: {
+          nested: { Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } } },
+        },
+        rpc: {
+          nested: {
+            Status: { fields: { details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 } } },
+            ErrorInfo: { fields: { reason: { type: 'string', id: 1 } } },
+          },
+        },
+      },
+    },
+  },
+});
+const Status = RPC_TYPES.lookupType('google.rpc.Status');
+const ErrorInfo = RPC_TYPES.lookupType('google.rpc.ErrorInfo');
+const ERROR_INFO_URL = 'type.googleapis.com/google.rpc.ErrorInfo';
+
+// The reason from an error's google.rpc.ErrorInfo, in its grpc-status-details-bin trailer ('' without one).
+function errorReason(error) {
+  const [details] = error.metadata?.get('grpc-status-details-bin') ?? [];
+  if (!details) return '';
+  const info = Status.decode(details).details.find((any) => any.type_url === ERROR_INFO_URL);
+  return info ? ErrorInfo.decode(info.value).reason : '';
 }
 
 // -- google.protobuf.Struct <-> plain JSON ----------------------------------------------------------
@@ -138,6 +184,7 @@ const OPTIONS = {
   'latency-budget': { type: 'string' },
   count: { type: 'string' },
   interval: { type: 'string' },
+  attempts: { type: 'string', default: String(DEFAULT_ATTEMPTS) },
   help: { type: 'boolean', short: 'h', default: false },
 };
 
@@ -164,12 +211,12 @@ function positiveNumber(name, text) {
   return value;
 }
 
-// A whole number >= 0 (width, height, bitrate: 0 leaves the relay's default).
-function count(name, text) {
+// A whole number >= min (width, height, bitrate: 0 leaves the relay's default).
+function count(name, text, min = 0) {
   if (text === undefined) return 0;
   const value = Number(text);
-  if (!Number.isInteger(value) || value < 0) {
-    throw new UsageError(`--${name}: expected a whole number >= 0, got ${JSON.stringify(text)}`);
+  if (!Number.isInteger(value) || value < min) {
+    throw new UsageError(`--${name}: expected a whole number >= ${min}, got ${JSON.stringify(text)}`);
   }
   return value;
 }
@@ -237,9 +284,13 @@ function connect(options) {
   return new RelayService(options.server, credentials);
 }
 
-function callOptions(options) {
+// The token, and the session the call names (none for list, or start without --id).
+function callMetadata(options, sessionId) {
   const metadata = new grpc.Metadata();
   if (options.token) metadata.set('authorization', `Bearer ${options.token}`);
+  // An id that is not printable ASCII cannot be a header value, nor a session id: sent without
+  // the header, it reaches some replica, which says what is wrong with it.
+  if (sessionId && /^[ -~]+$/.test(sessionId)) metadata.set(SESSION_HEADER, sessionId);
   return metadata;
 }
 
@@ -248,6 +299,21 @@ function unary(client, method, request, metadata) {
     client[method](request, metadata, { deadline: Date.now() + DEADLINE_MS }, (error, response) =>
       (error ? reject(error) : resolve(response)));
   });
+}
+
+// StartSession. Without a session id the proxy sends each call to the next replica, so a refusal
+// that created nothing (full, draining) is tried again at once, up to `attempts` calls. With an id
+// the proxy would send the retry to the same replica: one call.
+async function startSession(client, request, metadata, attempts) {
+  const retries = request.session_id ? 0 : attempts - 1;
+  for (let retry = 0; retry < retries; retry += 1) {
+    try {
+      return await unary(client, 'StartSession', request, metadata);
+    } catch (error) {
+      if (!RETRIED_REASONS.has(errorReason(error))) throw error; // it may have created the session
+    }
+  }
+  return unary(client, 'StartSession', request, metadata);
 }
 
 function watch(client, request, metadata, count) {
@@ -282,11 +348,12 @@ async function run(argv) {
     throw new UsageError(needsId ? `${command} takes one session id` : `${command} takes no positional argument`);
   }
   const client = connect(options);
-  const metadata = callOptions(options);
+  const metadata = callMetadata(options, command === 'start' ? options.id : sessionId);
   try {
     switch (command) {
       case 'start': {
-        const { session } = await unary(client, 'StartSession', startRequest(options), metadata);
+        const attempts = count('attempts', options.attempts, 1);
+        const { session } = await startSession(client, startRequest(options), metadata, attempts);
         print(plainSession(session));
         break;
       }

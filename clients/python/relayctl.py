@@ -14,6 +14,11 @@ $RELAY_AUTH_TOKEN (sent as `authorization: Bearer TOKEN`).
 
 `list` follows ListSessions' pages to the end and shows every session at once.
 
+Behind a proxy in front of several relay replicas: every call that names a session carries it as
+`relay-session-id` metadata, for the proxy to route by. `start` without --id, refused by a full
+(SESSION_LIMIT_REACHED) or draining (DRAINING) replica, is tried again at once, up to --attempts
+times (default 3).
+
 Exit status: 0 on success, 1 when the relay answers with an error (printed as
 `error: CODE: message [REASON]`, then one line per field violation, failed precondition or retry
 hint), 2 for a usage error, 130 on Ctrl-C.
@@ -44,6 +49,19 @@ from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0  # seconds, for every RPC but WatchSession
+DEFAULT_ATTEMPTS = 3  # StartSession calls for `start` without --id
+# A proxy cannot read protobuf requests: it routes a call to the replica that owns the session
+# by this header.
+SESSION_HEADER = "relay-session-id"
+# The refusals of a StartSession that created nothing, and that another replica may accept.
+RETRIED_REASONS = frozenset({"SESSION_LIMIT_REACHED", "DRAINING"})
+# The google.rpc error details relayctl reads (google.rpc.Status.details is a list of Any).
+DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RetryInfo,
+)
 SCALE_MODES = {"letterbox": pb.SCALE_MODE_LETTERBOX, "crop": pb.SCALE_MODE_CROP}
 FILLS = {"repeat": pb.OUTPUT_FILL_REPEAT, "hold": pb.OUTPUT_FILL_HOLD}
 MODES = {
@@ -80,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", parents=[common], help="start a session")
     start.add_argument("--id", dest="session_id", default="", help="session id (generated when empty)")
+    start.add_argument(
+        "--attempts",
+        type=int,
+        default=DEFAULT_ATTEMPTS,
+        metavar="N",
+        help=f"without --id: calls while replicas are full or draining (default {DEFAULT_ATTEMPTS})",
+    )
     start.add_argument("--subscribe-url", default="", help="input trickle channel (required)")
     start.add_argument("--publish-url", default="", help="output trickle channel (required)")
     start.add_argument("--control-url", default="")
@@ -234,7 +259,35 @@ def connect(args: argparse.Namespace) -> grpc.Channel:
 
 
 def metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {args.token}")] if args.token else []
+    """The token, and the session the call names (none for `list` or `start` without --id)."""
+    pairs = [("authorization", f"Bearer {args.token}")] if args.token else []
+    # An id that is not printable ASCII cannot be a header value, nor a session id: sent without
+    # the header, it reaches some replica, which says what is wrong with it.
+    if args.session_id and args.session_id.isascii() and args.session_id.isprintable():
+        pairs.append((SESSION_HEADER, args.session_id))
+    return pairs
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def error_details(error: grpc.RpcError) -> list[Message]:
+    """The google.rpc details of an error (from its grpc-status-details-bin trailer), unpacked."""
+    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    unpacked: list[Message] = []
+    for detail in status.details if status is not None else ():
+        for kind in DETAIL_TYPES:
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                unpacked.append(message)
+    return unpacked
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The reason from the error's google.rpc.ErrorInfo ("" without one)."""
+    infos = [d for d in error_details(error) if isinstance(d, error_details_pb2.ErrorInfo)]
+    return infos[0].reason if infos else ""
 
 
 def report_error(error: grpc.RpcError, stream: TextIO) -> None:
@@ -244,26 +297,17 @@ def report_error(error: grpc.RpcError, stream: TextIO) -> None:
     code = error.code() if isinstance(error, grpc.Call) else None
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     name = code.name if code is not None else "UNKNOWN"
-    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
     lines: list[str] = []
     reason = ""
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = f" [{info.reason}]"
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            lines += [f"  {violation.field}: {violation.description}" for violation in bad.field_violations]
-        elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            lines += [f"  {v.type} {v.subject}: {v.description}" for v in failure.violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            lines.append(f"  retry in {retry.retry_delay.ToNanoseconds() / 1e9:g} s")
+    for detail in error_details(error):
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            reason = f" [{detail.reason}]"
+        elif isinstance(detail, error_details_pb2.BadRequest):
+            lines += [f"  {v.field}: {v.description}" for v in detail.field_violations]
+        elif isinstance(detail, error_details_pb2.PreconditionFailure):
+            lines += [f"  {v.type} {v.subject}: {v.description}" for v in detail.violations]
+        elif isinstance(detail, error_details_pb2.RetryInfo):
+            lines.append(f"  retry in {detail.retry_delay.ToNanoseconds() / 1e9:g} s")
     print(f"error: {name}: {details}{reason}", file=stream)
     for line in lines:
         print(line, file=stream)
@@ -442,6 +486,26 @@ def watch(stub: pb_grpc.RelayServiceStub, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- start -----------------------------------------------------------------------------------------
+
+
+def start(stub: pb_grpc.RelayServiceStub, args: argparse.Namespace, options: dict[str, Any]) -> Message:
+    """StartSession. Without a session id the proxy sends each call to the next replica, so a
+    refusal that created nothing (full, draining) is tried again at once, up to --attempts calls.
+    With an id the proxy would send the retry to the same replica: one call."""
+    if args.attempts < 1:
+        raise UsageError("--attempts: must be at least 1")
+    request = start_request(args)
+    retries = 0 if request.session_id else args.attempts - 1
+    for _ in range(retries):
+        try:
+            return stub.StartSession(request, **options)
+        except grpc.RpcError as error:
+            if error_reason(error) not in RETRIED_REASONS:  # it may have created the session
+                raise
+    return stub.StartSession(request, **options)
+
+
 # -- list ------------------------------------------------------------------------------------------
 
 
@@ -472,6 +536,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
         "pause": None,
         "interval": None,
         "count": None,
+        "session_id": "",  # `list` names none
     }
     for name, value in values.items():
         if not hasattr(args, name):
@@ -486,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
             return watch(stub, args)
         options: dict[str, Any] = {"metadata": metadata(args), "timeout": args.timeout}
         calls: dict[str, Callable[[], Message]] = {
-            "start": lambda: stub.StartSession(start_request(args), **options),
+            "start": lambda: start(stub, args, options),
             "stop": lambda: stub.StopSession(pb.StopSessionRequest(session_id=args.session_id), **options),
             "get": lambda: stub.GetSession(pb.GetSessionRequest(session_id=args.session_id), **options),
             "list": lambda: list_sessions(stub, options),

@@ -32,7 +32,8 @@ from relay_server import eventloop, settings
 from relay_server.service.auth import BearerTokenInterceptor
 from relay_server.service.logs import configure_logging
 from relay_server.service.metrics import GrpcMetricsInterceptor, SessionCollector, serve_metrics
-from relay_server.service.server import DRAIN_GRACE, RelayServer
+from relay_server.service.server import DRAIN_GRACE, RelayServer, Sessions
+from relay_server.service.workers import ForwardingServicer, WorkerMetrics, WorkerPool, worker_count
 from relay_server.serving import until_signalled, url_host
 from relay_server.session.manager import MAX_SESSIONS, SessionManager
 from relay_server.webrtc.link import LinkSettings
@@ -57,6 +58,7 @@ class ServeOptions:
     log_level: str = "INFO"
     drain_grace: float = DRAIN_GRACE
     replica: str | None = None  # None: session ids the relay makes are plain UUIDs
+    workers: int = 1  # processes running sessions behind the one endpoint; 0: one per two cores
 
     @classmethod
     def from_env(cls) -> ServeOptions:
@@ -73,6 +75,7 @@ class ServeOptions:
             log_level=settings.log_level(),
             drain_grace=settings.drain_grace(),
             replica=settings.replica(),
+            workers=settings.worker_processes(),
         )
 
     def check(self) -> None:
@@ -83,6 +86,8 @@ class ServeOptions:
             raise ValueError("the auth token must not be blank")
         if self.max_sessions < 1:
             raise ValueError(f"max sessions must be at least 1, got {self.max_sessions}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be at least 0 (0: one per two cores), got {self.workers}")
         if not self.drain_grace >= 0:
             raise ValueError(f"the drain grace must be at least 0 s, got {self.drain_grace}")
         if self.tls_cert is not None and self.tls_key is not None:
@@ -106,14 +111,31 @@ def tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
 
 
 class RelayApp:
-    def __init__(self, options: ServeOptions | None = None, *, link: LinkSettings | None = None) -> None:
+    """`address` (a unix socket, "unix:PATH") is bound instead of options.listen."""
+
+    def __init__(
+        self,
+        options: ServeOptions | None = None,
+        *,
+        link: LinkSettings | None = None,
+        address: str | None = None,
+    ) -> None:
         self.options = options = options or ServeOptions()
         options.check()
         self.registry = CollectorRegistry()
-        self.manager = SessionManager(
-            max_sessions=options.max_sessions, allowed_hosts=options.allow_hosts, link=link
-        )
-        self.registry.register(SessionCollector(self.manager))
+        self.manager: SessionManager | None = None
+        self.pool: WorkerPool | None = None
+        sessions: Sessions
+        servicer = None
+        if worker_count(options.workers) > 1:
+            self.pool = sessions = WorkerPool(options, worker_count(options.workers))
+            self.registry.register(WorkerMetrics(self.pool))
+            servicer = ForwardingServicer(self.pool)
+        else:
+            self.manager = sessions = SessionManager(
+                max_sessions=options.max_sessions, allowed_hosts=options.allow_hosts, link=link
+            )
+            self.registry.register(SessionCollector(self.manager))
         interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(self.registry)]
         if options.auth_token is not None:
             interceptors.append(BearerTokenInterceptor(options.auth_token))
@@ -122,13 +144,18 @@ class RelayApp:
             credentials = tls_credentials(options.tls_cert, options.tls_key)
         host, port = options.listen
         self.server = RelayServer(
-            self.manager,
+            sessions,
+            servicer=servicer,
             host=f"[{host}]" if ":" in host else host,
             port=port,
+            address=address,
             credentials=credentials,
             interceptors=interceptors,
             replica=options.replica,
         )
+        if self.pool is not None:
+            self.pool.on_up = self.server.serving
+        self._address = address
         self.metrics_url: str | None = None
         self._metrics: web.AppRunner | None = None
         self._started = False
@@ -140,7 +167,10 @@ class RelayApp:
 
     @property
     def target(self) -> str:
-        """host:port a client on this machine dials (a wildcard address becomes loopback)."""
+        """host:port a client on this machine dials (a wildcard address becomes loopback), or the
+        unix socket's address."""
+        if self._address is not None:
+            return self._address
         return f"{url_host(self.options.listen[0])}:{self.server.port}"
 
     async def start(self) -> None:
@@ -148,21 +178,25 @@ class RelayApp:
         if self._started:
             raise RuntimeError("a RelayApp starts once")
         self._started = True
+        if self.pool is not None:
+            await self.pool.start()
         await self.server.start()
         try:
             if self.options.metrics_listen is not None:
                 host, port = self.options.metrics_listen
-                self._metrics, _, self.metrics_url = await serve_metrics(self.registry, host, port)
+                refresh = self.pool.scrape if self.pool is not None else None
+                self._metrics, _, self.metrics_url = await serve_metrics(self.registry, host, port, refresh)
         except BaseException:
             await self.server.drain(0)
             raise
         log.info(
-            "ready: grpc %s (%s%s), metrics %s, sessions at most %d, hosts %s",
+            "ready: grpc %s (%s%s), metrics %s, sessions at most %d%s, hosts %s",
             self.target,
             "TLS" if self.options.tls_cert is not None else "plaintext",
             ", bearer token required" if self.options.auth_token is not None else "",
             self.metrics_url or "off",
             self.options.max_sessions,
+            f" in {len(self.pool.workers)} workers" if self.pool is not None else "",
             ", ".join(sorted(self.options.allow_hosts)) or "any",
         )
 

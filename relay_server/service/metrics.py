@@ -300,10 +300,15 @@ class SessionCollector(Collector):
         yield from (paths, switches)
 
 
-def metrics_app(registry: CollectorRegistry) -> web.Application:
-    """GET /metrics: `registry` in the text format Prometheus asked for (OpenMetrics or 0.0.4)."""
+def metrics_app(
+    registry: CollectorRegistry, refresh: Callable[[], Awaitable[None]] | None = None
+) -> web.Application:
+    """GET /metrics: `registry` in the text format Prometheus asked for (OpenMetrics or 0.0.4),
+    after `refresh()` (which gathers what its collectors then yield)."""
 
     async def metrics(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encode(registry), headers={"Content-Type": content_type})
 
@@ -312,8 +317,10 @@ def metrics_app(registry: CollectorRegistry) -> web.Application:
     return app
 
 
-async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[web.AppRunner, int, str]:
-    """Serve metrics_app(registry) on host:port (0: any free port); the runner (cleanup() stops
-    it), the bound port and the endpoint's URL."""
-    runner, bound, base = await bind(metrics_app(registry), host, port)
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, refresh: Callable[[], Awaitable[None]] | None = None
+) -> tuple[web.AppRunner, int, str]:
+    """Serve metrics_app(registry, refresh) on host:port (0: any free port); the runner (cleanup()
+    stops it), the bound port and the endpoint's URL."""
+    runner, bound, base = await bind(metrics_app(registry, refresh), host, port)
     return runner, bound, f"{base}/metrics"

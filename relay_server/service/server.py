@@ -1,4 +1,4 @@
-"""RelayServer: the gRPC server around a SessionManager.
+"""RelayServer: the gRPC server around a SessionManager (or, with workers, the front's pool).
 
     server = RelayServer(SessionManager(), host="127.0.0.1", port=0)
     await server.start()          # serving; health says SERVING
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -59,43 +60,63 @@ class DrainingHealth(health.aio.HealthServicer):
         self._draining.set()
 
 
+class Sessions(Protocol):
+    """Where the sessions are: drain() stops them all and takes no new ones."""
+
+    async def drain(self) -> None: ...
+
+
 class RelayServer:
+    """Serves RelayService: a RelayServicer of `sessions`, a SessionManager, or `servicer` (the
+    workers' front: `sessions` is then its pool). drain() drains `sessions`. `address` (a unix
+    socket, "unix:PATH") is bound instead of host:port."""
+
     def __init__(
         self,
-        manager: SessionManager,
+        sessions: Sessions,
         *,
+        servicer: pb_grpc.RelayServiceServicer | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        address: str | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         replica: str | None = None,
     ) -> None:
-        self.manager = manager
-        self.replica = replica
+        self.sessions = sessions
+        self.manager = sessions if isinstance(sessions, SessionManager) else None
+        if servicer is None:
+            assert self.manager is not None, "a RelayServicer serves a SessionManager"
+            servicer = RelayServicer(self.manager, replica)
+        self.servicer = servicer
         self.host = host
         self.port = port
+        self._address = address
         self.health = DrainingHealth()
         self._credentials = credentials
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
+        self._draining = False
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self._address or f"{self.host}:{self.port}"
 
     async def start(self) -> None:
         server = grpc.aio.server(interceptors=self._interceptors)
-        pb_grpc.add_RelayServiceServicer_to_server(RelayServicer(self.manager, self.replica), server)
+        pb_grpc.add_RelayServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.host}:{self.port}"
+        address = self.address
         try:
             if self._credentials is None:
-                self.port = server.add_insecure_port(address)
+                bound = server.add_insecure_port(address)
             else:
-                self.port = server.add_secure_port(address, self._credentials)
+                bound = server.add_secure_port(address, self._credentials)
+            if self._address is None:
+                self.port = bound
         except RuntimeError as error:  # gRPC's, which names no cause
             raise listen_error(self.host, self.port, error) from error
         await server.start()
@@ -103,10 +124,20 @@ class RelayServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("relay service on %s (%s)", self.address, "TLS" if self._credentials else "plaintext")
 
+    async def serving(self, up: bool) -> None:
+        """Health SERVING or NOT_SERVING as the sessions' side says it can take sessions (the
+        workers' front: any worker up), unless draining."""
+        if self._server is not None and not self._draining:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self._set_health(status)
+
     async def drain(self, grace: float = DRAIN_GRACE) -> None:
         """Health NOT_SERVING first, then every session stopped, then the server."""
+        self._draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.manager.drain()
+        await self.sessions.drain()
         self.health.end_watches()
         if self._server is not None:
             server, self._server = self._server, None

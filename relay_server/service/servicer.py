@@ -51,7 +51,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def StartSession(
         self, request: pb.StartSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartSessionResponse:
-        async with _reported(context):
+        async with reported(context):
             bounds.check_prompts(request.prompts)
             snapshot = await self.manager.start(to_config(request, self.replica))
         return pb.StartSessionResponse(session=to_session(snapshot))
@@ -59,7 +59,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def StopSession(
         self, request: pb.StopSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopSessionResponse:
-        async with _reported(context):
+        async with reported(context):
             bounds.check_session_id(request.session_id)
             snapshot = await self.manager.stop(request.session_id)
         return pb.StopSessionResponse(session=to_session(snapshot))
@@ -67,7 +67,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSessionResponse:
-        async with _reported(context):
+        async with reported(context):
             bounds.check_session_id(request.session_id)
             session = self.manager.get(request.session_id)
         return pb.GetSessionResponse(session=to_session(session.snapshot()))
@@ -75,7 +75,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        async with _reported(context):
+        async with reported(context):
             size = pages.page_size(request.page_size)
             after = pages.decode_token(request.page_token, self.manager.epoch, self.manager.last_position)
         entries = [
@@ -89,7 +89,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateSessionResponse:
-        async with _reported(context):
+        async with reported(context):
             requests = _check_update(request)
             session = self.manager.get(request.session_id)
             subject = f"sessions/{request.session_id}"
@@ -114,7 +114,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def WatchSession(
         self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchSessionResponse]:
-        async with _reported(context):
+        async with reported(context):
             bounds.check_session_id(request.session_id)
             interval = WATCH_INTERVAL
             if request.HasField("interval"):
@@ -158,7 +158,7 @@ def _control_requests(request: pb.UpdateSessionRequest) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _reported(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def reported(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """End the RPC with the status of a RelayError raised inside, or INTERNAL for anything else."""
     try:
         yield

@@ -8,11 +8,12 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,13 +22,14 @@ from google.protobuf.struct_pb2 import Struct
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.service.server import RelayServer
-from relay_server.session.manager import SessionManager
+from relay_server.session.manager import MAX_SESSIONS, SessionManager
 from relay_server.trickle.server import TrickleServer
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAYCTL = ROOT / "clients" / "python" / "relayctl.py"
 NODE_CLIENT = ROOT / "clients" / "node"
 CLIENT_TIMEOUT = 20.0  # seconds any one client run may take
+SESSION_HEADER = "relay-session-id"  # the proxy in front of the replicas routes by it
 SOURCE_FRAMES = 30 * 60  # a minute of 30 fps pattern: longer than any test, cancelled at teardown
 
 
@@ -67,14 +69,48 @@ async def run(
     return Result(process.returncode, stdout.decode(), stderr.decode())
 
 
+async def relayctl(address: str, *args: str, env: dict[str, str] | None = None) -> Result:
+    return await run([sys.executable, RELAYCTL, "--server", address, *args], env=env)
+
+
+async def node(address: str, *args: str) -> Result:
+    return await run(["node", "client.js", "--server", address, *args], cwd=NODE_CLIENT)
+
+
+@dataclass
+class Call:
+    """One RPC as the relay received it."""
+
+    method: str  # "StartSession", ...
+    metadata: dict[str, str]
+
+
+class RecordCalls(grpc.aio.ServerInterceptor):
+    """Keeps every call the server receives, in order, before it is handled."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        metadata = {key: str(value) for key, value in handler_call_details.invocation_metadata or ()}
+        self.calls.append(Call(handler_call_details.method.rsplit("/", 1)[-1], metadata))
+        return await continuation(handler_call_details)
+
+
 @dataclass
 class Relay:
-    """What a client needs to know: the relay's address, the channels and the processor."""
+    """What a client needs to know: the relay's address, the channels and the processor; and
+    the calls the relay has received."""
 
     address: str
     trickle: TrickleServer
     processor_url: str
     server: RelayServer
+    calls: list[Call]
 
     def input_url(self) -> str:
         return self.trickle.channel_url("in")
@@ -82,38 +118,62 @@ class Relay:
     def output_url(self, name: str) -> str:
         return self.trickle.channel_url(f"out-{name}")
 
+    def waiting_session(self, name: str) -> list[str]:
+        """`start` flags for a session that waits, and so stays: it reads the input channel, which
+        nobody publishes to on a relay without media, and names a processor nobody serves, of
+        its own (no other session's processor is in use by it)."""
+        return [
+            "--subscribe-url", self.input_url(),
+            "--publish-url", self.output_url(name),
+            "--processor-url", f"{unserved_url()}/{name}",
+        ]  # fmt: skip
+
+    async def calls_during(self, client: Awaitable[Result]) -> tuple[Result, list[Call]]:
+        """Run a client; its result and the calls the relay received meanwhile."""
+        first = len(self.calls)
+        result = await client
+        return result, self.calls[first:]
+
     async def relayctl(self, *args: str, env: dict[str, str] | None = None) -> Result:
-        return await run([sys.executable, RELAYCTL, "--server", self.address, *args], env=env)
+        return await relayctl(self.address, *args, env=env)
 
     async def relayctl_streaming(self, *args: str) -> Streaming:
         return await Streaming.start([sys.executable, RELAYCTL, "--server", self.address, *args])
 
     async def node(self, *args: str) -> Result:
-        return await run(["node", "client.js", "--server", self.address, *args], cwd=NODE_CLIENT)
+        return await node(self.address, *args)
 
 
 @contextlib.asynccontextmanager
 async def relay_server(
     trickle: TrickleServer,
     processor_url: str = "",
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    max_sessions: int = MAX_SESSIONS,
 ) -> AsyncIterator[Relay]:
-    server = RelayServer(SessionManager(), interceptors=interceptors, credentials=credentials)
+    recorder = RecordCalls()
+    server = RelayServer(
+        SessionManager(max_sessions=max_sessions), interceptors=[recorder], credentials=credentials
+    )
     await server.start()
     try:
-        yield Relay(server.address, trickle, processor_url, server)
+        yield Relay(server.address, trickle, processor_url, server, recorder.calls)
     finally:
         await server.drain(grace=1.0)
+
+
+def unserved_url() -> str:
+    """http://127.0.0.1:PORT with a port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 async def start_bulky_sessions(relay: Relay, count: int) -> list[str]:
     """Start `count` sessions (through the API) whose prompts are about 1 MiB each, so that a
     listing of them takes several pages. They read a channel nobody publishes to and name a
     processor nobody serves, and wait."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
+    processor = unserved_url()
     workflow = Struct()
     workflow.update({"1": {"class_type": "Invert", "inputs": {"notes": "x" * 1_000_000}}})
     ids = [f"bulky-{index}" for index in range(count)]
@@ -124,7 +184,7 @@ async def start_bulky_sessions(relay: Relay, count: int) -> list[str]:
                 session_id=session_id,
                 subscribe_url=relay.input_url(),
                 publish_url=relay.output_url(session_id),
-                processor_url=f"http://127.0.0.1:{closed_port}/{index}",
+                processor_url=f"{processor}/{index}",
                 prompts=[workflow],
             )
             await stub.StartSession(request, timeout=CLIENT_TIMEOUT)

@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 from relay_server.trickle.server import TrickleServer
-from tests.clients.harness import Relay, relay_server, self_signed, start_bulky_sessions
+from tests.clients.harness import (
+    SESSION_HEADER,
+    Relay,
+    relay_server,
+    self_signed,
+    start_bulky_sessions,
+)
 
 INVERT = {"1": {"class_type": "Invert", "inputs": {"strength": 0.5, "on": True, "tags": ["a", None]}}}
 
@@ -126,3 +132,60 @@ async def test_start_takes_every_field(bare_relay: Relay, node_client: Path) -> 
 
     bad = await relay.node("start", "--mode", "fast")
     assert bad.returncode == 2 and "--mode: one of auto, transcode, passthrough" in bad.stderr
+
+
+async def test_calls_naming_a_session_carry_its_id(bare_relay: Relay, node_client: Path) -> None:
+    # The proxy in front of the replicas routes by the header; `list` and a start that lets the
+    # relay name the session may go to any replica.
+    relay = bare_relay
+    for args, header in [
+        (["start", "--id", "routed", *relay.waiting_session("routed")], "routed"),
+        (["get", "routed"], "routed"),
+        (["watch", "routed", "--count", "1"], "routed"),
+        (["stop", "routed"], "routed"),
+        (["start", *relay.waiting_session("unnamed")], None),
+        (["list"], None),
+    ]:
+        result, calls = await relay.calls_during(relay.node(*args))
+        assert result.returncode == 0, (args, result.stderr)
+        assert [call.metadata.get(SESSION_HEADER) for call in calls] == [header], args
+
+
+async def test_start_without_id_tries_again_when_refused(
+    trickle_server: TrickleServer, node_client: Path
+) -> None:
+    async with relay_server(trickle_server, max_sessions=1) as relay:
+        occupant = await relay.node("start", "--id", "occupant", *relay.waiting_session("occupant"))
+        assert occupant.returncode == 0, occupant.stderr
+
+        # Full: tried --attempts times (3 by default), then the last refusal is reported.
+        for attempts, expected in [([], 3), (["--attempts", "2"], 2)]:
+            refused, calls = await relay.calls_during(
+                relay.node("start", *attempts, *relay.waiting_session("more"))
+            )
+            assert refused.returncode == 1
+            assert refused.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
+            assert [call.method for call in calls] == ["StartSession"] * expected
+
+        # With an id the proxy would send every attempt to the same replica: one call.
+        named, calls = await relay.calls_during(relay.node("start", "--id", "x", *relay.waiting_session("x")))
+        assert (named.returncode, len(calls)) == (1, 1)
+        assert named.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
+
+        # Any other error is not tried again: in general it may have created the session.
+        invalid, calls = await relay.calls_during(
+            relay.node("start", "--subscribe-url", "ftp://x", "--publish-url", relay.output_url("y"))
+        )
+        assert (invalid.returncode, len(calls)) == (1, 1)
+        assert invalid.stderr.startswith("error: INVALID_ARGUMENT: ")
+
+        await relay.server.manager.drain()  # the relay takes no new sessions from now on
+        draining, calls = await relay.calls_during(
+            relay.node("start", "--attempts", "4", *relay.waiting_session("late"))
+        )
+        assert draining.returncode == 1
+        assert draining.stderr.startswith("error: UNAVAILABLE: ")
+        assert len(calls) == 4
+
+        unusable = await relay.node("start", "--attempts", "0")
+        assert unusable.returncode == 2 and "--attempts: expected a whole number >= 1" in unusable.stderr

@@ -9,16 +9,13 @@ import os
 import pty
 import re
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
 
 from relay_server.trickle.server import TrickleServer
 from tests.clients.harness import (
     CLIENT_TIMEOUT,
     RELAYCTL,
+    SESSION_HEADER,
     Relay,
     client_env,
     relay_server,
@@ -198,24 +195,8 @@ async def test_usage_errors_exit_2(bare_relay: Relay) -> None:
         assert message in result.stderr, (args, result.stderr)
 
 
-class RecordMetadata(grpc.aio.ServerInterceptor):
-    """Keeps the invocation metadata of every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, str]] = []
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        self.calls.append({key: str(value) for key, value in handler_call_details.invocation_metadata or ()})
-        return await continuation(handler_call_details)
-
-
 async def test_token_and_address_from_the_environment(trickle_server: TrickleServer) -> None:
-    recorder = RecordMetadata()
-    async with relay_server(trickle_server, interceptors=[recorder]) as relay:
+    async with relay_server(trickle_server) as relay:
         env = client_env(RELAY_ADDRESS=relay.address, RELAY_AUTH_TOKEN="from-env")
         result = await relay.relayctl("list", env=env)  # --server given too: the flag wins
         assert result.returncode == 0, result.stderr
@@ -225,7 +206,7 @@ async def test_token_and_address_from_the_environment(trickle_server: TrickleSer
         assert flag.returncode == 0, flag.stderr
         no_token = await relay.relayctl("list")
         assert no_token.returncode == 0, no_token.stderr
-    tokens = [call.get("authorization") for call in recorder.calls]
+    tokens = [call.metadata.get("authorization") for call in relay.calls]
     assert tokens == ["Bearer from-env", "Bearer from-env", "Bearer from-flag", None]
 
 
@@ -268,3 +249,69 @@ async def test_errors_print_their_reason_and_details(bare_relay: Relay) -> None:
     assert lines[1:] == [
         f"  PROCESSOR_FREE {processor}: in use by session '{first}', which does not share it"
     ]
+
+
+async def test_calls_naming_a_session_carry_its_id(bare_relay: Relay) -> None:
+    # The proxy in front of the replicas routes by the header; `list` and a start that lets the
+    # relay name the session may go to any replica.
+    relay = bare_relay
+    for args, header, error in [
+        (["start", "--id", "routed", *relay.waiting_session("routed")], "routed", ""),
+        (["get", "routed"], "routed", ""),
+        # A session waiting for its input has no processor to ask yet, and the relay says so.
+        (["update", "routed", "--pause"], "routed", "PROCESSOR_UNAVAILABLE"),
+        (["watch", "routed", "--count", "1"], "routed", ""),
+        (["stop", "routed"], "routed", ""),
+        (["start", *relay.waiting_session("unnamed")], None, ""),
+        (["list"], None, ""),
+    ]:
+        result, calls = await relay.calls_during(relay.relayctl(*args))
+        assert [call.metadata.get(SESSION_HEADER) for call in calls] == [header], args
+        if error:
+            assert result.returncode == 1 and result.stderr.splitlines()[0].endswith(f" [{error}]"), result
+        else:
+            assert result.returncode == 0, (args, result.stderr)
+
+
+async def test_start_without_id_tries_again_when_refused(trickle_server: TrickleServer) -> None:
+    async with relay_server(trickle_server, max_sessions=1) as relay:
+        occupant = await relay.relayctl("start", "--id", "occupant", *relay.waiting_session("occupant"))
+        assert occupant.returncode == 0, occupant.stderr
+
+        # Full: tried --attempts times (3 by default), then the last refusal is reported.
+        for attempts, expected in [([], 3), (["--attempts", "2"], 2)]:
+            refused, calls = await relay.calls_during(
+                relay.relayctl("start", *attempts, *relay.waiting_session("more"))
+            )
+            assert refused.returncode == 1
+            first, *rest = refused.stderr.splitlines()
+            assert first.startswith("error: RESOURCE_EXHAUSTED: "), first
+            assert first.endswith(" [SESSION_LIMIT_REACHED]"), first
+            assert [line.split()[:2] for line in rest] == [["retry", "in"]]
+            assert [call.method for call in calls] == ["StartSession"] * expected
+
+        # With an id the proxy would send every attempt to the same replica: one call.
+        named, calls = await relay.calls_during(
+            relay.relayctl("start", "--id", "x", *relay.waiting_session("x"))
+        )
+        assert (named.returncode, len(calls)) == (1, 1)
+        assert named.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
+
+        # Any other error is not tried again: in general it may have created the session.
+        invalid, calls = await relay.calls_during(
+            relay.relayctl("start", "--subscribe-url", "ftp://x", "--publish-url", relay.output_url("y"))
+        )
+        assert (invalid.returncode, len(calls)) == (1, 1)
+        assert invalid.stderr.startswith("error: INVALID_ARGUMENT: ")
+
+        await relay.server.manager.drain()  # the relay takes no new sessions from now on
+        draining, calls = await relay.calls_during(
+            relay.relayctl("start", "--attempts", "4", *relay.waiting_session("late"))
+        )
+        assert draining.returncode == 1
+        assert draining.stderr.startswith("error: UNAVAILABLE: ")
+        assert " [DRAINING]" in draining.stderr.splitlines()[0]
+        assert len(calls) == 4
+
+        unusable = await relay.relayctl("start", "--attempts", "0")
+        assert unusable.returncode == 2 and "--attempts: must be at least 1" in unusable.stderr

@@ -391,3 +391,18 @@ async def quiet_channel(trickle_server: TrickleServer) -> str:
     await publisher.create_channel()
     await publisher.close(delete_channel=False)
     return url
+
+
+@pytest.fixture
+def start_request(
+    trickle_server: TrickleServer, quiet_channel: str, dead_processor: str
+) -> Callable[[str], pb.StartSessionRequest]:
+    def make(session_id: str) -> pb.StartSessionRequest:
+        return pb.StartSessionRequest(
+            session_id=session_id,
+            subscribe_url=quiet_channel,
+            publish_url=trickle_server.channel_url(f"{session_id}-out"),
+            processor_url=dead_processor,
+        )
+
+    return make

@@ -104,21 +104,6 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-@pytest.fixture
-def start_request(
-    trickle_server: TrickleServer, quiet_channel: str, dead_processor: str
-) -> Callable[[str], pb.StartSessionRequest]:
-    def make(session_id: str) -> pb.StartSessionRequest:
-        return pb.StartSessionRequest(
-            session_id=session_id,
-            subscribe_url=quiet_channel,
-            publish_url=trickle_server.channel_url(f"{session_id}-out"),
-            processor_url=dead_processor,
-        )
-
-    return make
-
-
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     return [
         (sample.name, sample.labels, sample.value)

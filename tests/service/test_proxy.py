@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.trickle.server import TrickleServer
+from tests.clients import harness
 from tests.service.test_ops import RPC_TIMEOUT, SERVING, command, read_until
 
 CONFIG = Path(__file__).parents[2] / "deploy" / "nginx" / "nginx.conf"
@@ -52,7 +54,13 @@ async def stopped(process: asyncio.subprocess.Process) -> None:
 
 
 @pytest.fixture
-async def replicas() -> AsyncIterator[tuple[Processes, list[str]]]:
+def limits() -> tuple[int, ...]:
+    """Sessions each replica runs at most."""
+    return (24, 24, 24)
+
+
+@pytest.fixture
+async def replicas(limits: tuple[int, ...]) -> AsyncIterator[tuple[Processes, list[str]]]:
     """The three replicas, each on a port of its own: their processes and gRPC targets."""
     # Sessions wait for their input for as long as the test runs, not the default 10 s.
     env = {**os.environ, "TRICKLE_STARTUP_GRACE": "600"}
@@ -60,14 +68,14 @@ async def replicas() -> AsyncIterator[tuple[Processes, list[str]]]:
     targets: list[str] = []
     readers: list[asyncio.Task[bytes]] = []  # the rest of each log, read so that no pipe fills up
     try:
-        for name in REPLICAS:
+        for name, limit in zip(REPLICAS, limits, strict=True):
             process = await asyncio.create_subprocess_exec(
                 *command(),
                 "serve",
                 "--listen=127.0.0.1:0",
                 "--metrics-listen=off",
                 f"--replica={name}",
-                "--max-sessions=24",
+                f"--max-sessions={limit}",
                 "--log-level=info",
                 "--drain-grace=2",
                 env=env,
@@ -97,6 +105,8 @@ async def proxy(replicas: tuple[Processes, list[str]], tmp_path: Path) -> AsyncI
     for shipped, target in zip(SHIPPED_UPSTREAMS, targets, strict=True):
         config = config.replace(shipped, target)
     config = config.replace("listen 127.0.0.1:50051", f"listen 127.0.0.1:{port}")
+    # One nginx worker: one round robin, whichever connection a call comes on.
+    config = config.replace("worker_processes auto;", "worker_processes 1;")
     # Paths of the test's own, so that nginx runs without touching the system's.
     own = "".join(
         f"    {kind}_temp_path {tmp_path / kind};\n"
@@ -249,3 +259,45 @@ def test_the_kubernetes_proxy_routes_as_the_tested_configuration() -> None:
     for n in range(replicas):
         assert f"upstream relay-{n} {{" in config
         assert config.count(f"server relay-{n}.relay-replicas.") == 3  # its own, any, by id
+
+
+@pytest.mark.parametrize("limits", [(1, 1, 8)])
+async def test_the_clients_go_on_to_a_replica_with_room(
+    trickle_server: TrickleServer,
+    quiet_channel: str,
+    dead_processor: str,
+    replicas: tuple[Processes, list[str]],
+    proxy: str,
+) -> None:
+    """relay-0 and relay-1 are full: a start that lets the relay name the session is refused
+    there (RESOURCE_EXHAUSTED, nothing started), and relayctl and the Node client try again,
+    through the proxy's round robin, until relay-2 takes it."""
+    _, targets = replicas
+    for target in targets[:2]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            occupant = pb.StartSessionRequest(
+                subscribe_url=quiet_channel,
+                publish_url=trickle_server.channel_url(f"out-{target}"),
+                processor_url=dead_processor,
+                allow_shared_processor=True,
+            )
+            await pb_grpc.RelayServiceStub(channel).StartSession(occupant, timeout=RPC_TIMEOUT)
+    clients = [harness.relayctl]
+    if shutil.which("node") and (harness.NODE_CLIENT / "node_modules").is_dir():
+        clients.append(harness.node)
+    started = []
+    for client in clients:
+        for n in range(3):  # the round robin comes to each full replica at least once
+            flags = [
+                "--subscribe-url", quiet_channel,
+                "--publish-url", trickle_server.channel_url(f"out-{client.__name__}-{n}"),
+                "--processor-url", dead_processor,
+                "--allow-shared-processor",
+            ]  # fmt: skip
+            result = await client(proxy, "start", *flags)
+            assert result.returncode == 0, result.stderr
+            printed = json.loads(result.stdout)
+            session = printed.get("session", printed)  # relayctl: the response; Node: the session
+            started.append(session.get("sessionId") or session["session_id"])
+    assert [session_id.split(".", 1)[0] for session_id in started] == ["relay-2"] * len(started)
+    assert await owned(targets[2]) == set(started)
