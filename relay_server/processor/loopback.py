@@ -16,47 +16,35 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 from fractions import Fraction
-from typing import Any, NoReturn
+from typing import Any
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from relay_server.media.h264 import is_idr
-from relay_server.processor.track import FrameRate
+from relay_server.processor.track import ReturnedTrack
 from relay_server.webrtc import jitter
-
-log = logging.getLogger(__name__)
 
 CAPACITY = 32  # units waiting to go back: a second at 30 fps
 CLOCK = Fraction(1, 90_000)  # H.264's RTP clock
 _WRAP = 1 << 32  # RTP timestamps are 32 bits
 
 
-class LoopbackTrack(MediaStreamTrack):
+class LoopbackTrack(ReturnedTrack):
     """Returns what `receiver` gets (its video, `source`), unit by unit, undecoded."""
 
-    kind = "video"
-
     def __init__(self, source: MediaStreamTrack, receiver: Any, *, input_timeout: float) -> None:
-        super().__init__()
+        super().__init__(source)
         buffer = jitter.install(receiver)
         if buffer is None:
             raise RuntimeError("aiortc's receiver has no jitter buffer to tap: loopback is not possible")
-        self.source = source
-        self.rate = FrameRate()
-        self.frames_in = 0
-        self.frames_out = 0
         self.dropped = 0  # units let go: the queue was full, and those up to the next keyframe
-        self.end_reason = ""
         self._receiver = receiver
         self._buffer = buffer
         self._input_timeout = input_timeout or None
         self._units: collections.deque[tuple[bytes, int]] = collections.deque()
         self._skipping = False  # until the next keyframe
-        self._arrived = asyncio.Event()
-        self._source_ended = False
         self._last_timestamp: int | None = None
         self._pts = 0  # the RTP timestamp, unwrapped, from 0 at the first unit
         self._requests: set[asyncio.Task[None]] = set()  # RTCP sent on the relay's behalf
@@ -93,7 +81,7 @@ class LoopbackTrack(MediaStreamTrack):
             self.request_keyframe()
             return
         self._units.append((access_unit, timestamp))
-        self._arrived.set()
+        self.arrived.set()
 
     async def _watch_source(self) -> None:
         try:
@@ -102,14 +90,14 @@ class LoopbackTrack(MediaStreamTrack):
         except MediaStreamError:
             pass
         finally:
-            self._source_ended = True
-            self._arrived.set()
+            self.source_ended = True
+            self.arrived.set()
 
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         try:
-            access_unit, timestamp = await self._next_unit()
+            access_unit, timestamp = await self._next_in(self._units, self._input_timeout)
         except MediaStreamError:
             self.stop()
             raise
@@ -124,27 +112,8 @@ class LoopbackTrack(MediaStreamTrack):
         self.rate.tick()
         return packet
 
-    async def _next_unit(self) -> tuple[bytes, int]:
-        while not self._units:
-            if self._source_ended:
-                self._end("input track ended")
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), self._input_timeout)
-            except TimeoutError:
-                self._end(f"no input frame for {self._input_timeout:g} s")
-        return self._units.popleft()
-
-    def _end(self, reason: str) -> NoReturn:
-        if not self.end_reason:
-            self.end_reason = reason
-            log.info("track %s ended: %s", self.id, reason)
-        raise MediaStreamError(reason)
-
     def stop(self) -> None:
         super().stop()
-        if not self.end_reason:
-            self.end_reason = "stopped"
         self._buffer.tap = None
         self._buffer.stop()
         self._watch.cancel()
@@ -155,10 +124,4 @@ class LoopbackTrack(MediaStreamTrack):
         await asyncio.gather(self._watch, *self._requests, return_exceptions=True)
 
     def stats(self) -> dict[str, float | int | str]:
-        return {
-            **self.rate.snapshot(),
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "dropped": self.dropped,
-            "ended": self.end_reason,
-        }
+        return {**super().stats(), "dropped": self.dropped}

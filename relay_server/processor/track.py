@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -22,6 +22,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from relay_server.processor.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class FrameRate:
@@ -45,29 +47,71 @@ class FrameRate:
         return {"fps": float(last_second), "minute_avg_fps": recent / window}
 
 
-class ProcessingTrack(MediaStreamTrack):
-    """Processed frames of `source`, same size, pts and time_base; the pipeline's effects apply
-    only if the peer's offer carried prompts (otherwise it is a noop peer)."""
+class ReturnedTrack(MediaStreamTrack):
+    """A processor's returned video: what it counts, and its end, for good and with a reason,
+    when its input ends or, like ComfyStream's, stalls for `input_timeout` seconds (None: never).
+    Subclasses queue their input in `inbox` and set `arrived`; `source_ended` once it ends."""
 
     kind = "video"
 
-    def __init__(self, source: MediaStreamTrack, pipeline: Pipeline, *, with_prompts: bool) -> None:
+    def __init__(self, source: MediaStreamTrack) -> None:
         super().__init__()
         self.source = source
-        self.pipeline = pipeline
-        self.with_prompts = with_prompts
         self.rate = FrameRate()
         self.frames_in = 0
         self.frames_out = 0
+        self.end_reason = ""
+        self.finished = asyncio.Event()  # set once the track has ended, for whatever reason
+        self.arrived = asyncio.Event()
+        self.source_ended = False
+
+    async def _next_in(self, inbox: collections.deque[T], input_timeout: float | None) -> T:
+        """The oldest input waiting in `inbox`, once there is one."""
+        while not inbox:
+            if self.source_ended:
+                self._end("input track ended")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), input_timeout)
+            except TimeoutError:
+                # ComfyStream's trap, on purpose: a stalled input ends the returned video for good.
+                self._end(f"no input frame for {input_timeout:g} s")
+        return inbox.popleft()
+
+    def _end(self, reason: str) -> NoReturn:
+        if not self.end_reason:
+            self.end_reason = reason
+            log.info("track %s ended: %s", self.id, reason)
+        raise MediaStreamError(reason)
+
+    def stop(self) -> None:
+        super().stop()
+        if not self.end_reason:
+            self.end_reason = "stopped"
+        self.finished.set()
+
+    def stats(self) -> dict[str, float | int | str]:
+        return {
+            **self.rate.snapshot(),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "ended": self.end_reason,
+        }
+
+
+class ProcessingTrack(ReturnedTrack):
+    """Processed frames of `source`, same size, pts and time_base; the pipeline's effects apply
+    only if the peer's offer carried prompts (otherwise it is a noop peer)."""
+
+    def __init__(self, source: MediaStreamTrack, pipeline: Pipeline, *, with_prompts: bool) -> None:
+        super().__init__(source)
+        self.pipeline = pipeline
+        self.with_prompts = with_prompts
         self.dropped_latest = 0  # pushed out by newer input frames before processing
         self.max_queued = 0  # most input frames waiting at once
         self.dropped_nth = 0  # dropped by the drop-every-Nth knob
-        self.end_reason = ""
-        self.finished = asyncio.Event()  # set once the track has ended, for whatever reason
         self._inbox: collections.deque[av.VideoFrame] = collections.deque()
         self._taken = 0  # input frames taken for processing (the drop-every-Nth count)
-        self._arrived = asyncio.Event()
-        self._source_ended = False
         self._next_due = 0.0  # monotonic time of the next frame under the rate cap
         self._reader = asyncio.create_task(self._read(), name=f"processor-read-{self.id}")
 
@@ -83,12 +127,12 @@ class ProcessingTrack(MediaStreamTrack):
                     self._inbox.popleft()
                     self.dropped_latest += 1
                 self.max_queued = max(self.max_queued, len(self._inbox))
-                self._arrived.set()
+                self.arrived.set()
         except MediaStreamError:
             pass
         finally:
-            self._source_ended = True
-            self._arrived.set()
+            self.source_ended = True
+            self.arrived.set()
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -119,32 +163,11 @@ class ProcessingTrack(MediaStreamTrack):
                 await asyncio.sleep(self._next_due - now)
             interval = 1 / max_fps
             self._next_due = max(self._next_due + interval, time.monotonic())
-        timeout = self.pipeline.knobs.input_timeout or None
-        if not self._inbox:
-            if self._source_ended:
-                self._end("input track ended")
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-            except TimeoutError:
-                # ComfyStream's trap, on purpose: a stalled input ends the returned video for good.
-                self._end(f"no input frame for {timeout:g} s")
-            if not self._inbox:
-                self._end("input track ended")
-        return self._inbox.popleft()
-
-    def _end(self, reason: str) -> NoReturn:
-        if not self.end_reason:
-            self.end_reason = reason
-            log.info("track %s ended: %s", self.id, reason)
-        raise MediaStreamError(reason)
+        return await self._next_in(self._inbox, self.pipeline.knobs.input_timeout or None)
 
     def stop(self) -> None:
         super().stop()
-        if not self.end_reason:
-            self.end_reason = "stopped"
         self._reader.cancel()
-        self.finished.set()
 
     async def aclose(self) -> None:
         """Stop and wait for the reader task."""
@@ -153,11 +176,8 @@ class ProcessingTrack(MediaStreamTrack):
 
     def stats(self) -> dict[str, float | int | str]:
         return {
-            **self.rate.snapshot(),
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
+            **super().stats(),
             "dropped_latest": self.dropped_latest,
             "max_queued": self.max_queued,
             "dropped_nth": self.dropped_nth,
-            "ended": self.end_reason,
         }

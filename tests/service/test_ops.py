@@ -567,6 +567,20 @@ def command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "relay_server"]
 
 
+async def serve_process(*flags: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """`trickle-relay serve` with `flags`, logging at INFO to a pipe (stderr), nothing else."""
+    return await asyncio.create_subprocess_exec(
+        *command(),
+        "serve",
+        "--log-level=info",
+        *flags,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str]) -> re.Match[str]:
     """Read lines (kept in `seen`) until one matches `pattern`."""
     while True:
@@ -589,18 +603,8 @@ async def test_serve_runs_until_sigterm_then_drains_and_exits_0(
         "RELAY_LOG_LEVEL": "chatty",
         "RELAY_METRICS_LISTEN": "nowhere",
     }
-    process = await asyncio.create_subprocess_exec(
-        *command(),
-        "serve",
-        "--listen=127.0.0.1:0",
-        "--metrics-listen=127.0.0.1:0",
-        "--max-sessions=2",
-        "--log-level=info",
-        "--drain-grace=2",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    process = await serve_process(
+        "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0", "--max-sessions=2", "--drain-grace=2", env=env
     )
     assert process.stderr is not None
     log: list[str] = []

@@ -28,7 +28,7 @@ from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.trickle.server import TrickleServer
 from tests.clients import harness
-from tests.service.test_ops import RPC_TIMEOUT, SERVING, command, read_until
+from tests.service.test_ops import RPC_TIMEOUT, SERVING, read_until, serve_process
 
 CONFIG = Path(__file__).parents[2] / "deploy" / "nginx" / "nginx.conf"
 REPLICAS = ("relay-0", "relay-1", "relay-2")
@@ -69,19 +69,13 @@ async def replicas(limits: tuple[int, ...]) -> AsyncIterator[tuple[Processes, li
     readers: list[asyncio.Task[bytes]] = []  # the rest of each log, read so that no pipe fills up
     try:
         for name, limit in zip(REPLICAS, limits, strict=True):
-            process = await asyncio.create_subprocess_exec(
-                *command(),
-                "serve",
+            process = await serve_process(
                 "--listen=127.0.0.1:0",
                 "--metrics-listen=off",
                 f"--replica={name}",
                 f"--max-sessions={limit}",
-                "--log-level=info",
                 "--drain-grace=2",
                 env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
             )
             processes.append(process)
             assert process.stderr is not None

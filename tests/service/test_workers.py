@@ -23,7 +23,7 @@ from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.trickle.server import TrickleServer
 from tests.service.test_api import status_details
-from tests.service.test_ops import NOT_SERVING, RPC_TIMEOUT, SERVING, command, scrape, value
+from tests.service.test_ops import NOT_SERVING, RPC_TIMEOUT, SERVING, scrape, serve_process, value
 
 STARTUP = 60.0  # seconds the command may take to start, its workers included
 STARTING = pb.SESSION_STATE_STARTING
@@ -58,17 +58,8 @@ class Node:
 @pytest.fixture
 async def node() -> AsyncIterator[Node]:
     env = {**os.environ, "TRICKLE_STARTUP_GRACE": "600"}  # sessions wait for input all along
-    process = await asyncio.create_subprocess_exec(
-        *command(),
-        "serve",
-        "--workers=2",
-        "--listen=127.0.0.1:0",
-        "--metrics-listen=127.0.0.1:0",
-        "--log-level=info",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    process = await serve_process(
+        "--workers=2", "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0", env=env
     )
     node = Node(process)
     reading = asyncio.create_task(node.read_log())
