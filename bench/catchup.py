@@ -48,15 +48,15 @@ from aiortc.codecs.h264 import H264Decoder, H264Encoder
 from aiortc.jitterbuffer import JitterFrame
 
 from bench import child, report
-from bench.capacity import system_cpu, until
+from bench.capacity import until
 from bench.child import reply
+from bench.cpubreakdown import system_cpu
 from bench.e2e import (
     ENDED,
     OTHER,
     STAGES,
     RawInput,
     ThreadSampler,
-    named_threads,
     raw_codec_work,
     raw_input,
     serve_relay,
@@ -64,6 +64,7 @@ from bench.e2e import (
 from bench.frameindex import IndexCode
 from bench.livesource import BITRATE, FPS, GOP, ArrivalScanner
 from bench.media import source_frames
+from bench.threadnames import named_threads
 from bench.webrtc import Processor
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc

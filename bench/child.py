@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,15 @@ def reply(message: dict[str, Any]) -> None:
     """In the child: one answer line."""
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
+
+
+async def answer_requests(answer: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """In the child, once ready: answer each request line on stdin with one line, until EOF."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    while line := await stdin.readline():
+        reply(await answer(json.loads(line)))
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -40,10 +40,9 @@ import io
 import itertools
 import math
 import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -58,6 +57,7 @@ from bench import report
 from bench.frameindex import INDEX_MODULO, IndexCode
 from bench.livesource import BITRATE, FPS, GOP, SourceProcess
 from bench.media import source_frames
+from bench.threadnames import named_threads
 from bench.webrtc import Processor
 from relay_server import settings
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
@@ -152,17 +152,18 @@ def stage_of(name: str) -> str:
     return OTHER
 
 
-def thread_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of every thread of this process so far, by tid, with its name: the Python
-    thread's, or "[comm]" for native threads (codec slice threads inherit their creator's comm)."""
-    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+def thread_cpu(pid: int | str = "self") -> dict[int, tuple[str, float]]:
+    """CPU seconds of every thread of a process (this one unless told) so far, by tid, with its
+    name: in this process the Python thread's, else (and for native threads: codec slice threads
+    inherit their creator's comm) "[comm]"."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()} if pid == "self" else {}
     threads = {}
     with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc/self/task"):
+        for entry in os.listdir(f"/proc/{pid}/task"):
             tid = int(entry)
             try:
-                comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-                seconds = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                seconds = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
             except (OSError, ValueError, IndexError):
                 continue
             threads[tid] = (names.get(tid) or f"[{comm}]", seconds)
@@ -208,48 +209,6 @@ class ThreadSampler:
         while True:
             await asyncio.sleep(self.interval)
             self.last.update(thread_cpu())
-
-
-def _set_comm(name: str) -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/thread-self/comm").write_text(name[:15])
-
-
-def _comm() -> str:
-    try:
-        return Path("/proc/thread-self/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def named_threads() -> Iterator[None]:
-    """For the breakdown only: every Python thread started meanwhile gets its name as its kernel
-    name (comm), which the codec threads it starts inherit; and the x264 threads a VideoEncoder
-    starts (both are opened on the event loop) are named "x264 send" (the link's, Baseline
-    profile) or "x264 output". Nothing else changes."""
-
-    def name_thread(*_: Any) -> None:
-        sys.setprofile(None)  # once, at the thread's first call
-        _set_comm(threading.current_thread().name)
-
-    original = VideoEncoder.__init__
-
-    def init(encoder: VideoEncoder, *args: Any, **kwargs: Any) -> None:
-        previous = _comm()
-        _set_comm("x264 send" if kwargs.get("profile") else "x264 output")
-        try:
-            original(encoder, *args, **kwargs)
-        finally:
-            _set_comm(previous)
-
-    threading.setprofile(name_thread)
-    VideoEncoder.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        VideoEncoder.__init__ = original  # type: ignore[method-assign]
-        threading.setprofile(None)  # type: ignore[arg-type]
 
 
 # -- raw codec work -----------------------------------------------------------------------------

@@ -17,7 +17,8 @@
 
 Both run in a process of their own with the trickle server (`python -m bench.livesource`, driven
 by SourceProcess over JSON lines on stdin/stdout), so the relay's process spends its CPU on the
-relay alone. time.monotonic is the system's CLOCK_MONOTONIC: comparable across processes.
+relay alone; readers of many sessions can run in processes of their own too (bench.readers, the
+same Readers ops). time.monotonic is the system's CLOCK_MONOTONIC: comparable across processes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -36,7 +36,7 @@ from typing import Any
 
 import av
 
-from bench.child import Child, reply
+from bench.child import Child, answer_requests, reply
 from bench.frameindex import IndexCode
 from bench.media import source_frames
 from relay_server import settings
@@ -302,52 +302,66 @@ class OutputReader:
         self._frames.append((self.code.read(frame, self.mode), frame.pts, decoded))
 
 
+class Readers:
+    """Output readers by name, as a child's "read" and "collect" requests drive them; `code` is
+    the source's."""
+
+    def __init__(self, code: IndexCode) -> None:
+        self.code = code
+        self._readers: dict[str, OutputReader] = {}
+
+    async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        if op == "read":  # read the channel at `url` (created first unless it exists) as `name`
+            url = request["url"]
+            if request.get("create", True):
+                creator = Publisher(url)
+                await creator.create_channel()
+                await creator.close(delete_channel=False)
+            mode = ScaleMode(request.get("mode", ScaleMode.LETTERBOX.value))
+            start_seq = int(request.get("start_seq", 0))
+            reader = self._readers[request["name"]] = OutputReader(url, self.code, mode, start_seq=start_seq)
+            reader.start()
+            return {"url": url}
+        if op == "collect":  # wait for the channel's end (a short while), stop, report
+            reader = self._readers.pop(request["name"])
+            await reader.ended(float(request.get("within", 2.0)))
+            await reader.stop()
+            return {"received": reader.results(), "resyncs": reader.scanner.resyncs}
+        return {"error": f"unknown op {op!r}"}
+
+    async def stop(self) -> None:
+        for reader in self._readers.values():
+            await reader.stop()
+
+
 # -- the process: a trickle server, the source and readers, driven over JSON lines -----------------
 
 
 async def serve(width: int, height: int, fps: int, bitrate: int) -> None:
-    """Run the server and the source; answer one JSON request per stdin line on stdout."""
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    readers: dict[str, OutputReader] = {}
+    """Run the server and the source; answer one JSON request per stdin line on stdout: Readers'
+    ops ("read" names a `channel` of this server) and "published"."""
     async with TrickleServer() as server:
         source = LiveSource(server.channel_url("input"), width, height, fps=fps, bitrate=bitrate)
         await source.start()
+        readers = Readers(source.code)
+
+        async def answer(request: dict[str, Any]) -> dict[str, Any]:
+            if source.error is not None:
+                raise RuntimeError(f"the live source failed: {source.error!r}")
+            if request["op"] == "read":
+                return await readers.answer({**request, "url": server.channel_url(request["channel"])})
+            if request["op"] == "published":  # publish times of frames published in [start, end]
+                start, end = request["start"], request["end"]
+                published = [(i, t) for i, t in list(source.published.items()) if start <= t <= end]
+                return {"published": published, "frames": source.frames}
+            return await readers.answer(request)
+
         reply({"input": source.url, "server": server.url, "pid": os.getpid()})
         try:
-            while line := await stdin.readline():
-                request = json.loads(line)
-                op = request["op"]
-                if op == "read":  # read a channel (created first unless it exists) as `name`
-                    url = server.channel_url(request["channel"])
-                    start_seq = int(request.get("start_seq", 0))
-                    if request.get("create", True):
-                        creator = Publisher(url)
-                        await creator.create_channel()
-                        await creator.close(delete_channel=False)
-                    mode = ScaleMode(request.get("mode", ScaleMode.LETTERBOX.value))
-                    reader = readers[request["name"]] = OutputReader(
-                        url, source.code, mode, start_seq=start_seq
-                    )
-                    reader.start()
-                    reply({"url": url})
-                elif op == "collect":  # wait for the channel's end (a short while), stop, report
-                    reader = readers.pop(request["name"])
-                    await reader.ended(float(request.get("within", 2.0)))
-                    await reader.stop()
-                    reply({"received": reader.results(), "resyncs": reader.scanner.resyncs})
-                elif op == "published":  # publish times of frames published in [start, end]
-                    start, end = request["start"], request["end"]
-                    published = [(i, t) for i, t in list(source.published.items()) if start <= t <= end]
-                    reply({"published": published, "frames": source.frames})
-                else:
-                    reply({"error": f"unknown op {op!r}"})
-                if source.error is not None:
-                    raise RuntimeError(f"the live source failed: {source.error!r}")
+            await answer_requests(answer)
         finally:
-            for reader in readers.values():
-                await reader.stop()
+            await readers.stop()
             await source.stop()
 
 
@@ -357,6 +371,7 @@ class SourceProcess(Child):
     def __init__(self, width: int, height: int, *, fps: int = FPS, bitrate: int = BITRATE) -> None:
         args = ["--width", str(width), "--height", str(height), "--fps", str(fps), "--bitrate", str(bitrate)]
         super().__init__("bench.livesource", args, what="live source process", ready_within=60)
+        self.width, self.height = width, height
         self.input = ""
         self.server = ""
 
@@ -367,6 +382,10 @@ class SourceProcess(Child):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    def channel_url(self, name: str) -> str:
+        """The URL of channel `name` on the child's trickle server (TrickleServer.channel_url)."""
+        return f"{self.server}/{name}"
 
 
 def main() -> None:

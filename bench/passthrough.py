@@ -44,9 +44,12 @@ from typing import Any
 import grpc
 
 from bench import capacity, e2e, report
-from bench.capacity import ATTEMPTS, OTHERS_MAX, PAUSE, system_cpu
+from bench.capacity import ATTEMPTS, OTHERS_MAX, PAUSE
+from bench.cpubreakdown import system_cpu
 from bench.livesource import FPS, GOP, SourceProcess
+from bench.readers import ReaderPool
 from bench.rtpcost import RtpCost
+from bench.threadnames import named_threads
 from bench.webrtc import Processor
 from relay_server import settings
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
@@ -547,10 +550,14 @@ async def capacity_sweeps(source: SourceProcess, quick: bool) -> dict[str, Any]:
     attempts = 1 if quick else ATTEMPTS
     sweeps: dict[str, Any] = {}
     async with contextlib.AsyncExitStack() as stack:
-        pool: list[Processor] = []  # shared by the sweeps: started as counts need them
+        # Shared by the sweeps: started as counts need them.
+        pool: list[Processor] = []
+        readers = ReaderPool(stack, source.width, source.height)
         for variant in CAPACITY_MODES:
             print(f"  capacity, {variant}:", flush=True)
-            sweep = CheckedSweep(source, stack, max(counts), size=SIZE, processors=pool, variant=variant)
+            sweep = CheckedSweep(
+                source, stack, max(counts), size=SIZE, processors=pool, readers=readers, variant=variant
+            )
             await sweep.start()
             results: dict[str, Any] = {"counts": [], "discarded": []}
 
@@ -584,7 +591,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "size": f"{SIZE[0]}x{SIZE[1]}",
         "codec threads": settings.workers(),
     }
-    with e2e.named_threads():
+    with named_threads():
         async with SourceProcess(*SIZE, bitrate=BITRATE) as source:
             print("  per frame:", flush=True)
             results["per frame"] = await per_frame(source, quick)

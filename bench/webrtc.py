@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.frame import Frame
 
 from bench import report
+from bench.child import process_cpu_seconds
 from bench.media import FPS, SIZES, source_frames
 from relay_server.media.encoder import CLOCK
 from relay_server.media.handoff import FrameQueue
@@ -50,9 +51,11 @@ EVERY_LATENCY = 10**7  # a LatencyWindow that keeps every value: the window's ar
 
 
 class Processor:
-    """The embedded processor in a process of its own; GET /health before use, terminated on exit."""
+    """The embedded processor in a process of its own, with `args` (the processor command's
+    options: ["--loopback"], say); GET /health before use, terminated on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, args: Sequence[str] = ()) -> None:
+        self.args = list(args)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -61,7 +64,7 @@ class Processor:
         self.http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Processor:
-        command = [sys.executable, "-m", "relay_server", "--log-level", "WARNING", "processor"]
+        command = [sys.executable, "-m", "relay_server", "--log-level", "WARNING", "processor", *self.args]
         self.process = await asyncio.create_subprocess_exec(*command, "--listen", f"127.0.0.1:{self.port}")
         self.http = aiohttp.ClientSession()
         try:
@@ -94,11 +97,7 @@ class Processor:
     def cpu_seconds(self) -> float:
         """The processor's CPU time so far (Linux /proc; NaN elsewhere)."""
         assert self.process is not None
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return process_cpu_seconds(self.process.pid)
 
     async def frames(self) -> tuple[int, int, int]:
         """Frames in, out and dropped (newer input arrived first) over its current tracks."""
