@@ -4,10 +4,12 @@ settling, and the catch-up publisher's flow control."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
+import os
+from typing import Any
 
 import pytest
 
+from bench import cpubreakdown
 from bench.capacity import FIGURES, aggregate, session_figures, settle
 from bench.catchup import AHEAD, Publishing, _publish, encode_input
 from bench.memory import drift
@@ -32,13 +34,34 @@ def test_session_figures_count_fresh_frames_in_the_window() -> None:
     assert figures["p50 ms"] == pytest.approx(80) and figures["p99 ms"] == pytest.approx(80)
 
 
+def window(**figures: Any) -> dict[str, Any]:
+    """A measured window: every figure 0.1 (cores) or as given, every busiest thread named."""
+    measured: dict[str, Any] = dict.fromkeys([*FIGURES, *cpubreakdown.FIGURES], 0.1)
+    measured["busiest threads"] = {key: f"thread {key}" for key in cpubreakdown.THREAD_FIGURES}
+    return {**measured, "failed on": [], **figures}
+
+
 def test_a_count_holds_only_if_every_window_held() -> None:
-    window = dict.fromkeys(FIGURES, 1.0)
-    runs = [{**window, "holds": True}, {**window, "fps min": 3.0, "holds": False}, {"error": "no frame"}]
+    runs = [
+        window(holds=True),
+        window(**{"fps min": 0.5, "holds": False, "failed on": ["fps 0.5 < 29"]}),
+        {"error": "no frame"},
+    ]
     result = aggregate(4, runs)
     assert (result["held"], result["holds"], result["errors"]) == (1, False, ["no frame"])
-    assert result["fps min"] == 2.0  # the median of the windows measured
-    assert aggregate(2, runs[:1])["holds"]
+    assert result["fps min"] == pytest.approx(0.3)  # the median of the windows measured
+    assert result["bound"].startswith("no CPU bound") and "fps 0.5 < 29" in result["bound"]
+    assert aggregate(2, runs[:1])["holds"] and aggregate(2, runs[:1])["bound"] == "none"
+
+
+def test_the_bound_is_the_thread_at_a_core_or_the_box() -> None:
+    event_loop = cpubreakdown.thread_key("event loop")
+    assert (
+        aggregate(6, [window(**{event_loop: 0.97, "holds": False})])["bound"] == "relay event loop 0.97 cores"
+    )
+    cpus = os.cpu_count() or 1
+    full = aggregate(6, [window(**{"box busy cores": cpus * 0.95, "holds": False})])
+    assert full["bound"] == f"box {cpus * 0.95:.2f} of {cpus} cores busy"
 
 
 def test_drift_compares_the_second_tenth_with_the_last() -> None:
@@ -55,20 +78,17 @@ def test_drift_of_a_steady_rss_is_zero() -> None:
     assert figures["drift %"] == 0 and figures["slope bytes/min"] == 0
 
 
-async def test_settle_waits_until_every_relay_returns_at_rate() -> None:
+async def test_settle_is_when_every_relay_began_to_return_at_rate() -> None:
     started = asyncio.get_running_loop().time()
 
-    class Relay:
-        def __init__(self, fps: float, after: float) -> None:
-            self.fps, self.after = fps, after
+    async def returned() -> list[int]:  # one relay at 30 fps from the start, one from 0.5 s on
+        now = asyncio.get_running_loop().time() - started
+        return [int(30 * max(0.0, now - after)) for after in (0.0, 0.5)]
 
-        @property
-        def stats(self) -> SimpleNamespace:
-            now = asyncio.get_running_loop().time() - started
-            return SimpleNamespace(frames_returned=int(self.fps * max(0.0, now - self.after)))
-
-    settled = await settle([Relay(30, 0.0), Relay(30, 0.5)], within=5.0)
-    assert 1.4 <= settled - started <= 2.5  # the slower one, a second after it started
+    settled = await settle(returned, within=5.0)
+    # The start of the first second both returned at rate: when the slower one began, not a
+    # second later, when that second was over.
+    assert 0.4 <= settled - started <= 1.4
 
 
 async def test_publisher_stays_within_reach_of_a_slow_reader(trickle_server: TrickleServer) -> None:
