@@ -61,6 +61,7 @@ from relay_server.errors import (
 from relay_server.service import bounds, pages
 from relay_server.service.convert import to_config
 from relay_server.service.servicer import reported
+from relay_server.session.manager import KEEP_ENDED
 from relay_server.session.session import SessionState
 
 if TYPE_CHECKING:
@@ -285,18 +286,40 @@ class WorkerPool:
             raise SessionNotFound(session_id)
         return owner
 
-    def own(self, session_id: str, worker: Worker) -> None:
+    def running(self, session_id: str) -> Worker | None:
+        """The live worker that runs (or ran and still knows) the session, if any."""
+        owner = self._owners.get(session_id)
+        if owner is None or owner.generation != owner.worker.generation or not owner.worker.alive:
+            return None
+        return owner.worker
+
+    async def own(self, session_id: str, worker: Worker) -> None:
+        """Remember where the session runs; forget what no worker knows any more, now and then."""
         self._owners.pop(session_id, None)
         self._owners[session_id] = Owner(worker, worker.generation)
-        self._forget_dead()
+        if len(self._owners) > 2 * (len(self.workers) * (self.max_sessions + KEEP_ENDED) + KEEP_DEAD):
+            await self._forget_gone()
 
-    def forget(self, session_id: str) -> None:
-        self._owners.pop(session_id, None)
-
-    def _forget_dead(self) -> None:
-        """Keep at most KEEP_DEAD sessions of dead worker runs (the sessions of live runs are
-        bounded by what their workers keep)."""
-        dead = [key for key, owner in self._owners.items() if owner.generation != owner.worker.generation]
+    async def _forget_gone(self) -> None:
+        """Forget the sessions their live workers no longer know (ended, and forgotten there
+        too), and all but KEEP_DEAD of those of dead runs. Under `placing`: no session starts
+        meanwhile, so none is forgotten before its worker lists it."""
+        known: set[str] = set()
+        for worker in self.workers:
+            token = ""
+            while worker.alive and worker.stub is not None:
+                page = await worker.stub.ListSessions(
+                    pb.ListSessionsRequest(page_size=pages.MAX_PAGE_SIZE, page_token=token), timeout=10
+                )
+                known.update(session.session_id for session in page.sessions)
+                if not (token := page.next_page_token):
+                    break
+        dead = []
+        for key, owner in list(self._owners.items()):
+            if owner.generation != owner.worker.generation:
+                dead.append(key)
+            elif owner.worker.alive and key not in known:
+                del self._owners[key]
         for key in dead[: max(0, len(dead) - KEEP_DEAD)]:
             del self._owners[key]
 
@@ -381,13 +404,10 @@ class ForwardingServicer(pb_grpc.RelayServiceServicer):
             bounds.check_prompts(request.prompts)
             to_config(request)  # refused here as a single relay would, before it counts as full
             async with self.pool.placing:
-                known = self.pool._owners.get(request.session_id) if request.session_id else None
-                if known is not None and known.generation == known.worker.generation and known.worker.alive:
-                    worker = known.worker  # it says whether the session still runs
-                else:
-                    worker = await self.pool.place()
+                # A known id goes to its worker, which says whether the session still runs.
+                worker = self.pool.running(request.session_id) or await self.pool.place()
                 reply = await _forwarded(context, worker, "StartSession", request)
-                self.pool.own(reply.session.session_id, worker)
+                await self.pool.own(reply.session.session_id, worker)
         return reply
 
     async def StopSession(

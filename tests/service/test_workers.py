@@ -13,6 +13,7 @@ import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -21,6 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
+from relay_server.errors import SessionNotFound
+from relay_server.service.app import ServeOptions
+from relay_server.service.workers import KEEP_DEAD, WorkerPool
+from relay_server.session.manager import KEEP_ENDED
 from relay_server.trickle.server import TrickleServer
 from tests.service.test_api import status_details
 from tests.service.test_ops import NOT_SERVING, RPC_TIMEOUT, SERVING, scrape, serve_process, value
@@ -210,3 +215,50 @@ async def _exited(pidfd: int) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+async def test_the_front_forgets_sessions_its_workers_no_longer_know() -> None:
+    """The routing map stays bounded: once it passes its bound, the sessions no live worker lists
+    any more (ended and forgotten there) go, and all but KEEP_DEAD of those of dead runs. The
+    workers here are stand-ins: thousands of real sessions would be needed to pass the bound."""
+
+    class Listing:
+        def __init__(self, ids: list[str]) -> None:
+            self.ids = ids
+
+        async def ListSessions(self, request: pb.ListSessionsRequest, **_: object) -> pb.ListSessionsResponse:
+            start = int(request.page_token or 0)
+            end = start + request.page_size
+            token = str(end) if end < len(self.ids) else ""
+            sessions = [pb.Session(session_id=i) for i in self.ids[start:end]]
+            return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
+
+    pool = WorkerPool(ServeOptions(max_sessions=1), 2)
+    live, dead = pool.workers
+    try:
+        dead.generation = 1
+        for n in range(KEEP_DEAD + 200):
+            await pool.own(f"dead-{n}", dead)  # a run of worker 1 that then died
+        dead.generation, dead.deaths[1] = 2, "worker 1 (pid 1) was killed by SIGKILL"
+        still = [f"live-{n}" for n in range(150)]  # more than a page
+        live.stub = Listing(still)  # type: ignore[assignment]
+        live.process = SimpleNamespace(returncode=None)  # type: ignore[assignment]
+        for session_id in still:
+            await pool.own(session_id, live)
+        for n in range(2 * (2 * (1 + KEEP_ENDED) + KEEP_DEAD)):  # past the bound: pruned
+            await pool.own(f"gone-{n}", live)
+        assert [i for i in still if pool.running(i) is live] == still
+        assert not any(_known(pool, f"gone-{n}") for n in range(100))
+        kept_dead = [n for n in range(KEEP_DEAD + 200) if _known(pool, f"dead-{n}")]
+        assert kept_dead == list(range(200, KEEP_DEAD + 200))  # the newest KEEP_DEAD
+    finally:
+        live.process = live.stub = None
+        await pool.drain()
+
+
+def _known(pool: WorkerPool, session_id: str) -> bool:
+    try:
+        pool.owner(session_id)
+    except SessionNotFound:
+        return False
+    return True
