@@ -317,7 +317,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         type=_checked(settings.parse_worker_processes),
         metavar="N",
         help="run sessions in N worker processes behind this endpoint, each with its own event "
-        "loop (env RELAY_WORKERS, default 1: in this process; 0: one per two cores)",
+        "loop (env RELAY_WORKERS, default 0: one per two cores this process may use; 1: in this "
+        "process)",
     )
     add(
         "--replica",

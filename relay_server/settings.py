@@ -39,7 +39,8 @@ RELAY_DRAIN_GRACE    seconds in-flight RPCs get to finish on SIGTERM/SIGINT once
                      stopped, before they are cancelled (--drain-grace; default 5).
 RELAY_WORKERS        processes running sessions behind the one gRPC endpoint, each with its own
                      event loop; a new session goes to the one running the fewest (--workers;
-                     default 1: this process runs them; 0: one per two cores of this machine).
+                     default 0: one per two cores this process may use, its container's CPU
+                     limit counted, so 1 on two cores; 1: this process runs them).
 RELAY_REPLICA        this relay's name among replicas behind a proxy (1-63 letters, digits, '_'
                      or '-'; a StatefulSet pod's name): the session ids it makes start with
                      "NAME.", which the proxy routes by (--replica; default none: plain UUIDs).
@@ -272,7 +273,7 @@ def drain_grace() -> float:
 
 
 def worker_processes() -> int:
-    return _env("RELAY_WORKERS", "1", parse_worker_processes)
+    return _env("RELAY_WORKERS", "0", parse_worker_processes)
 
 
 def parse_worker_processes(text: str) -> int:

@@ -58,7 +58,9 @@ class ServeOptions:
     log_level: str = "INFO"
     drain_grace: float = DRAIN_GRACE
     replica: str | None = None  # None: session ids the relay makes are plain UUIDs
-    workers: int = 1  # processes running sessions behind the one endpoint; 0: one per two cores
+    # Processes running sessions behind the one endpoint; 0: one per two cores (the command's
+    # default); 1: this process runs them.
+    workers: int = 1
 
     @classmethod
     def from_env(cls) -> ServeOptions:
@@ -190,7 +192,8 @@ class RelayApp:
             await self.server.drain(0)
             raise
         log.info(
-            "ready: grpc %s (%s%s), metrics %s, sessions at most %d%s, hosts %s",
+            "%s: grpc %s (%s%s), metrics %s, sessions at most %d%s, hosts %s",
+            "worker ready" if self._address is not None else "ready",  # the command's line: ready
             self.target,
             "TLS" if self.options.tls_cert is not None else "plaintext",
             ", bearer token required" if self.options.auth_token is not None else "",

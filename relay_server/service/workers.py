@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0  # seconds a worker may take to start (imports, binding)
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)  # after a worker died, or failed to start again
 STOP_TIMEOUT = 60.0  # seconds a worker may take to drain after SIGTERM, beyond its drain grace
+CGROUP = Path("/sys/fs/cgroup")
 KEEP_DEAD = 4096  # sessions of dead workers the front still answers for (the oldest go first)
 KEEP_DEATHS = 64  # why a worker's last runs ended
 DEATH_WAIT = 2.0  # seconds a broken call waits for its worker's process to be reaped
@@ -83,10 +85,28 @@ READY = "ready"  # what a worker prints on stdout once it serves
 INHERITED = ("max_sessions", "log_format", "log_level", "drain_grace", "replica")
 
 
-def worker_count(requested: int) -> int:
+def worker_count(requested: int, cgroup: Path = CGROUP) -> int:
     """0: what this machine's cores support, one worker per two cores (a session's codecs run on
     threads of their own besides its worker's event loop)."""
-    return requested or max(1, len(os.sched_getaffinity(0)) // 2)
+    return requested or max(1, available_cores(cgroup) // 2)
+
+
+def available_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may use: those it may run on, fewer if its cgroup's CPU quota
+    (a container's CPU limit, v2 or v1) allows less."""
+    cores = len(os.sched_getaffinity(0))
+    quota = period = None
+    with contextlib.suppress(OSError, ValueError):
+        text = (cgroup / "cpu.max").read_text().split()
+        if text[0] != "max":
+            quota, period = int(text[0]), int(text[1])
+    if quota is None:
+        with contextlib.suppress(OSError, ValueError):
+            quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    if quota is not None and period and quota > 0:
+        cores = min(cores, max(1, math.ceil(quota / period)))
+    return cores
 
 
 def options_json(options: ServeOptions) -> str:

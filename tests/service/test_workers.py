@@ -13,6 +13,7 @@ import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -24,7 +25,7 @@ from relay_server.api.relay.v1 import relay_service_pb2 as pb
 from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.errors import SessionNotFound
 from relay_server.service.app import ServeOptions
-from relay_server.service.workers import KEEP_DEAD, WorkerPool
+from relay_server.service.workers import KEEP_DEAD, WorkerPool, available_cores, worker_count
 from relay_server.session.manager import KEEP_ENDED
 from relay_server.trickle.server import TrickleServer
 from tests.service.test_api import status_details
@@ -262,3 +263,25 @@ def _known(pool: WorkerPool, session_id: str) -> bool:
     except SessionNotFound:
         return False
     return True
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 cores, rounded up
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_workers_by_default_fit_the_cores_a_container_may_use(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cores = len(os.sched_getaffinity(0))
+    expected = cores if limit is None else min(cores, limit)
+    assert available_cores(tmp_path) == expected
+    assert worker_count(0, tmp_path) == max(1, expected // 2) and worker_count(3, tmp_path) == 3
