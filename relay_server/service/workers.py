@@ -433,20 +433,23 @@ class ForwardingServicer(pb_grpc.RelayServiceServicer):
     async def StopSession(
         self, request: pb.StopSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopSessionResponse:
-        async with reported(context):
-            ended = self._routed(request.session_id)
-            if isinstance(ended, pb.Session):
-                return pb.StopSessionResponse(session=ended)
-            return await _forwarded(context, ended, "StopSession", request)
+        reply: pb.StopSessionResponse = await self._answered(context, "StopSession", request)
+        return reply
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSessionResponse:
+        reply: pb.GetSessionResponse = await self._answered(context, "GetSession", request)
+        return reply
+
+    async def _answered(self, context: grpc.aio.ServicerContext, method: str, request: Message) -> Any:
+        """The worker's answer to a call about one session, or, when the session ended with its
+        worker, the session as it ended (both replies carry it in `session`)."""
         async with reported(context):
-            ended = self._routed(request.session_id)
+            ended = self._routed(request.session_id)  # type: ignore[attr-defined]
             if isinstance(ended, pb.Session):
-                return pb.GetSessionResponse(session=ended)
-            return await _forwarded(context, ended, "GetSession", request)
+                return getattr(pb, f"{method}Response")(session=ended)
+            return await _forwarded(context, ended, method, request)
 
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext

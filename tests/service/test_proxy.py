@@ -141,6 +141,19 @@ async def proxy(replicas: tuple[Processes, list[str]], tmp_path: Path) -> AsyncI
             await process.wait()
 
 
+def waiting(
+    trickle: TrickleServer, quiet_channel: str, processor: str, output: str, session_id: str = ""
+) -> pb.StartSessionRequest:
+    """A session that stays STARTING: its input gets no media, its processor is nobody's."""
+    return pb.StartSessionRequest(
+        session_id=session_id,
+        subscribe_url=quiet_channel,
+        publish_url=trickle.channel_url(f"out-{output}"),
+        processor_url=processor,
+        allow_shared_processor=True,
+    )
+
+
 def routed(session_id: str) -> tuple[tuple[str, str], ...]:
     """The metadata every call naming a session carries (what relayctl and the Node client send)."""
     return (("relay-session-id", session_id),)
@@ -165,13 +178,7 @@ async def test_nginx_routes_every_call_to_the_replica_owning_the_session_and_a_d
     processes, targets = replicas
 
     def request(session_id: str = "", output: str = "") -> pb.StartSessionRequest:
-        return pb.StartSessionRequest(
-            session_id=session_id,
-            subscribe_url=quiet_channel,
-            publish_url=trickle_server.channel_url(f"out-{output or session_id}"),
-            processor_url=dead_processor,
-            allow_shared_processor=True,
-        )
+        return waiting(trickle_server, quiet_channel, dead_processor, output or session_id, session_id)
 
     async with grpc.aio.insecure_channel(proxy) as channel:
         stub = pb_grpc.RelayServiceStub(channel)
@@ -269,12 +276,7 @@ async def test_the_clients_go_on_to_a_replica_with_room(
     _, targets = replicas
     for target in targets[:2]:
         async with grpc.aio.insecure_channel(target) as channel:
-            occupant = pb.StartSessionRequest(
-                subscribe_url=quiet_channel,
-                publish_url=trickle_server.channel_url(f"out-{target}"),
-                processor_url=dead_processor,
-                allow_shared_processor=True,
-            )
+            occupant = waiting(trickle_server, quiet_channel, dead_processor, target)
             await pb_grpc.RelayServiceStub(channel).StartSession(occupant, timeout=RPC_TIMEOUT)
     clients = [harness.relayctl]
     if shutil.which("node") and (harness.NODE_CLIENT / "node_modules").is_dir():
