@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -114,14 +115,14 @@ def _trickle_limits(args: argparse.Namespace) -> TrickleLimits:
     from relay_server import settings
     from relay_server.trickle.limits import TrickleLimits
 
-    pick = _flag_or_env
+    defaults = TrickleLimits()
     return TrickleLimits(
-        max_segment_bytes=pick(args.max_segment_bytes, settings.trickle_max_segment_bytes),
-        max_buffered_bytes=pick(args.max_buffered_bytes, settings.trickle_max_buffered_bytes),
-        max_channels=pick(args.max_channels, settings.trickle_max_channels),
-        max_connections=pick(args.max_connections, settings.trickle_max_connections),
-        header_timeout=pick(args.header_timeout, settings.trickle_header_timeout),
-        first_byte_timeout=pick(args.first_byte_timeout, settings.trickle_first_byte_timeout),
+        **{
+            name: _flag_or_env(
+                getattr(args, name), functools.partial(settings.trickle_limit, name, getattr(defaults, name))
+            )
+            for name in settings.TRICKLE_LIMITS
+        }
     )
 
 

@@ -69,7 +69,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
@@ -303,28 +303,21 @@ def replica() -> str | None:
 # -- `trickle-relay trickle-server`: the embedded trickle server's limits (trickle/limits.py) ------
 
 
-def trickle_max_segment_bytes() -> int:
-    return _env("TRICKLE_MAX_SEGMENT_BYTES", str(64 * 1024 * 1024), parse_count)
+# How each limit (a TrickleLimits field, which holds the defaults) is read; its variable is
+# TRICKLE_ and the field's name in capitals.
+TRICKLE_LIMITS: dict[str, Callable[[str], Any]] = {
+    "max_segment_bytes": parse_count,
+    "max_buffered_bytes": parse_count,
+    "max_channels": parse_count,
+    "max_connections": parse_count,
+    "header_timeout": parse_timeout,
+    "first_byte_timeout": parse_timeout,
+}
 
 
-def trickle_max_buffered_bytes() -> int:
-    return _env("TRICKLE_MAX_BUFFERED_BYTES", str(1024 * 1024 * 1024), parse_count)
-
-
-def trickle_max_channels() -> int:
-    return _env("TRICKLE_MAX_CHANNELS", "1024", parse_count)
-
-
-def trickle_max_connections() -> int:
-    return _env("TRICKLE_MAX_CONNECTIONS", "512", parse_count)
-
-
-def trickle_header_timeout() -> float:
-    return _env("TRICKLE_HEADER_TIMEOUT", "30", parse_timeout)
-
-
-def trickle_first_byte_timeout() -> float:
-    return _env("TRICKLE_FIRST_BYTE_TIMEOUT", "60", parse_timeout)
+def trickle_limit(name: str, default: Any) -> Any:
+    """The trickle server's limit `name` from its variable, `default` when unset."""
+    return _env(f"TRICKLE_{name.upper()}", str(default), TRICKLE_LIMITS[name])
 
 
 EVENT_LOOPS = ("uvloop", "asyncio")

@@ -41,16 +41,12 @@ def _codecs(kind: str, mime_type: str) -> list[Any]:
     return [codec for codec in capabilities.codecs if codec.mimeType.lower() == mime_type.lower()]
 
 
-def check_offer(sdp: str) -> None:
-    """Raise OfferError unless every video section of `sdp` offers H.264."""
-    try:
-        description = SessionDescription.parse(sdp)
-    except Exception as error:  # aiortc raises assorted errors on bad SDP
-        raise OfferError(f"cannot parse the offer's SDP: {error}") from error
-    for media in description.media:
+def check_offer(offered: SessionDescription) -> None:
+    """Raise OfferError unless every video section of the offer (parsed) offers H.264."""
+    for media in offered.media:
         if media.kind == "video" and not any(c.mimeType.lower() == "video/h264" for c in media.rtp.codecs):
-            offered = sorted({codec.mimeType for codec in media.rtp.codecs})
-            raise OfferError(f"video must offer H.264 (this processor only does H.264); offered {offered}")
+            codecs = sorted({codec.mimeType for codec in media.rtp.codecs})
+            raise OfferError(f"video must offer H.264 (this processor only does H.264); offered {codecs}")
 
 
 class Peer:
@@ -72,8 +68,9 @@ class Peer:
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
 
-    async def answer(self, sdp: str, kind: str) -> RTCSessionDescription:
-        check_offer(sdp)
+    async def answer(self, sdp: str, kind: str, offered: SessionDescription) -> RTCSessionDescription:
+        """The answer to the offer `sdp` (`offered`, as parsed)."""
+        check_offer(offered)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "video":

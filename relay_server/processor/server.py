@@ -56,15 +56,16 @@ def _read_offer(body: Any) -> tuple[str, str]:
     return sdp, kind
 
 
-def _check_sdp(sdp: str) -> None:
-    """BadRequest unless `sdp` parses as a description with media."""
+def _parsed_sdp(sdp: str) -> SessionDescription:
+    """`sdp` parsed; BadRequest unless it is a description with media."""
     # aiortc's parser takes anything, garbage included, as an SDP without media.
     try:
-        media = SessionDescription.parse(sdp).media if sdp.startswith("v=") else []
+        description = SessionDescription.parse(sdp) if sdp.startswith("v=") else None
     except Exception as error:  # aiortc raises assorted errors on bad SDP
         raise BadRequest(f"the offer's SDP could not be parsed: {error}") from None
-    if not media:
+    if description is None or not description.media:
         raise BadRequest("the offer's SDP could not be parsed: no v= line or no media section (m=)")
+    return description
 
 
 def _too_large() -> web.Response:
@@ -133,7 +134,7 @@ class ProcessorServer:
             body = await _json_body(request)
             sdp, kind = _read_offer(body)
             resolution = _resolution(body.get("resolution"))
-            _check_sdp(sdp)
+            offered = _parsed_sdp(sdp)
             prompts = body.get("prompts")
         except web.HTTPRequestEntityTooLarge:
             return _too_large()
@@ -149,7 +150,7 @@ class ProcessorServer:
                 self.pipeline.resolution = resolution
             peer = Peer(self.pipeline, with_prompts=bool(prompts), on_closed=self._forget)
             self.peers.append(peer)
-            answer = await peer.answer(sdp, kind)
+            answer = await peer.answer(sdp, kind, offered)
         except ValueError as error:
             # PromptError, OfferError: the request's fault, said as it is.
             log.warning("offer refused: %s", error)

@@ -274,10 +274,13 @@ class WorkerPool:
         while True:
             ended = asyncio.ensure_future(worker.ended())
             stopping = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait((ended, stopping), return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
+            try:
+                await asyncio.wait((ended, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in (ended, stopping):
+                    waiting.cancel()
+                await asyncio.gather(ended, stopping, return_exceptions=True)
             if self._stopping.is_set():
-                ended.cancel()
                 return
             log.error("%s: its sessions failed; starting it again", worker.died(ended.result()))
             await self._tell_up()

@@ -401,9 +401,9 @@ def test_a_bad_limit_names_its_variable(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
 ) -> None:
     monkeypatch.setenv(name, value)
-    getter = getattr(settings, name.lower())
+    field = name.removeprefix("TRICKLE_").lower()
     with pytest.raises(ValueError, match=f"{name}: .*{message}"):
-        getter()
+        settings.trickle_limit(field, getattr(TrickleLimits(), field))
 
 
 def test_a_bad_limit_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
