@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -311,6 +312,7 @@ async def test_a_watcher_that_never_reads_holds_back_neither_the_others_nor_the_
         )
     )
     stalled = relay.stub.WatchSession(pb.WatchSessionRequest(session_id="crowd", interval=seconds(0.1)))
+    watched_since = time.monotonic()
     try:
         readers = [make_watcher(relay.stub, "crowd", 0.25) for _ in range(4)]
         await readers[0].until(live)
@@ -332,10 +334,12 @@ async def test_a_watcher_that_never_reads_holds_back_neither_the_others_nor_the_
         assert last.decoded_fps > 15 and last.returned_fps > 10, last
         await output.wait_for(segments + 2, within=5)
         assert inverted(output.segments[-1])
-        # The stream nobody read was held back: its server side took a handful of snapshots,
-        # where three seconds at 0.1 s would have been thirty.
+        # The stream nobody read was held back: its server side took at most half the snapshots
+        # one every 0.1 s would have been (gRPC's flow-control windows hold a handful of them,
+        # more once its bandwidth probe has grown them: 9 here, 17 once on a busy machine).
         (stalled_count,) = [count[0] for interval, count in taken if interval == pytest.approx(0.1)]
-        assert 1 <= stalled_count < 15, stalled_count
+        unheld = (time.monotonic() - watched_since) / 0.1
+        assert 1 <= stalled_count < unheld / 2, (stalled_count, unheld)
         # It is alive all the same: what it was sent is there when it is read.
         first = await asyncio.wait_for(stalled.read(), 5)
         assert isinstance(first, pb.WatchSessionResponse) and first.session.session_id == "crowd"
