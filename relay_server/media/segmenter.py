@@ -10,13 +10,25 @@ segments, PyAV 18 / FFmpeg 8.1, flush_packets=1):
 - a fresh `av.open(..., format="mpegts")` per segment: 1.6–2.1 ms CPU, of which opening,
   writing the header and closing cost 0.02 ms per segment (also with an AAC or Opus stream:
   8–9 ms CPU for the 20 s of video plus audio). The output differs by 188 bytes in 5.3 MB.
-Either way muxing is noise next to encoding (~1 ms CPU per frame). What decides is audio: with
-two streams `av_interleaved_write_frame` holds the latest packet back until the other stream
-catches up (measured: muxing the second IDR wrote 940 bytes of earlier packets and none of the
-IDR), and PyAV cannot flush that queue without closing the muxer, so a long-lived muxer would
-put packets on the wrong side of a cut. Closing a per-segment muxer writes out everything
-before the keyframe. So: one muxer per segment. (Its continuity counters start afresh in each
-segment; played back to back the segments still decode as one stream, which the tests check.)
+Either way muxing is noise next to encoding (~1 ms CPU per frame). A fresh muxer per segment
+also closes cleanly: closing writes out everything it holds before the keyframe that cuts. (Its
+continuity counters start afresh in each segment; played back to back the segments still decode
+as one stream, which the tests check.)
+
+Audio and video are muxed by two muxers, one stream each, into one transport stream. One muxer
+with both streams interleaves them (`av_interleaved_write_frame`, all PyAV offers): it writes a
+packet only once one with a later timestamp is in, so each video packet waited for the next
+(measured end to end: 34 ms more latency at 30 fps, 16 ms at 60, than without audio), and the
+last before a gap (a slow or reconnecting processor) until the gap's first fill. A muxer with one
+stream writes each packet as it comes. The video muxer's PSI (PAT, PMT, SDT) is replaced by the
+tables of a muxer with both streams (the audio stream on AUDIO_PID), and the audio muxer's is
+left out: readers see one program with both streams, as before. The order across the two is
+still by time: audio waits here until the video passes its timestamp, so it also lands in the
+segment whose frames it plays under.
+
+Video PES carry their length (omit_video_pes_length=0) where it fits in 16 bits (frames under 64
+KiB): a reader's demuxer then has a frame the moment its last byte is in, where otherwise it
+knows a frame complete only when the next one starts (one frame interval later; at a gap, later).
 """
 
 from __future__ import annotations
@@ -39,11 +51,17 @@ from relay_server.media.h264 import sps_in, with_frame_rate
 # ahead of the processed video; 256 packets is over 5 s of AAC or Opus. When video stalls for
 # longer, the oldest audio goes (live: the newest matters) and `audio_dropped` counts it.
 AUDIO_QUEUE = 256
-# The muxer's write buffer. With flush_packets=1 bytes reach the sink at the end of every
-# packet, and within a large packet (an IDR) every time this much has been written. (With an
-# audio stream FFmpeg's interleaving holds the latest packet until the next one is muxed, and
-# audio is muxed ahead of every video packet: video bytes lag by at most one frame.)
-WRITE_BUFFER = 32 * 1024
+TS_PACKET = 188
+# The muxers' write buffer, whole TS packets (the PSI is found by TS packet). With flush_packets=1
+# bytes reach the sink at the end of every packet, and within a large packet (an IDR) every time
+# this much has been written.
+WRITE_BUFFER = 174 * TS_PACKET
+# The audio stream's PID: the video's is FFmpeg's first (0x100), in both muxers.
+AUDIO_PID = 0x101
+PMT_PID = 0x1000  # FFmpeg's (mpegts_pmt_start_pid)
+# flush_packets: the sink gets each packet's bytes as it is muxed, not when the buffer fills.
+# mpegts_copyts: timestamps as given, never offset by the muxer.
+MUXER_OPTIONS = {"flush_packets": "1", "mpegts_copyts": "1"}
 
 
 class SegmentSink(Protocol):
@@ -126,10 +144,10 @@ class Segmenter:
         self.frame_rate: Fraction | None = None
         self.stats = SegmenterStats()
         self._sink = sink
-        self._writer = _SinkWriter(sink, self.stats)
         self._next_index = start_index
         self._index = -1  # segment being written
         self._audio_info: AudioInfo | None = None
+        self._tables: dict[int, bytes] | None = None  # the PSI of a program with both streams
         # (pts90k, packet) in arrival order, which mux_audio keeps in pts order.
         self._audio: deque[tuple[int, av.Packet]] = deque(maxlen=audio_queue)
         self._last_audio_pts: int | None = None
@@ -139,7 +157,7 @@ class Segmenter:
         """Carry an audio stream in every segment from the next one begun (any thread: the muxing
         thread reads it when it begins one); audio before that is dropped, counted."""
         if not self.drop_audio:
-            self._audio_info = info
+            self._audio_info, self._tables = info, _program_tables(info)
 
     def mux_video(self, packet: av.Packet) -> None:
         """Mux an encoded video packet (pts = dts on the 90 kHz clock); a keyframe cuts."""
@@ -160,8 +178,7 @@ class Segmenter:
         if self._open is None:
             self.stats.video_dropped += 1
             return
-        packet.stream = self._open.video
-        self._open.container.mux(packet)
+        self._open.video.mux(packet)
         self.stats.video_packets += 1
 
     def mux_audio(self, packet: av.Packet, pts90k: int) -> None:
@@ -196,12 +213,13 @@ class Segmenter:
         it gets no end() (its owner decides what a cut-short segment means)."""
         self._audio.clear()
         if self._open is not None:
-            container, self._open = self._open.container, None
-            self._writer.discard = True
-            # Closing writes the trailer, which the discarding writer swallows; after a failed
-            # write the muxer's output is in error and the trailer fails: nothing is lost.
-            with contextlib.suppress(av.FFmpegError):
-                container.close()
+            muxers, self._open = self._open.muxers, None
+            for muxer in muxers:
+                muxer.writer.discard = True
+                # Closing writes the trailer, which the discarding writer swallows; after a failed
+                # write the muxer's output is in error and the trailer fails: nothing is lost.
+                with contextlib.suppress(av.FFmpegError):
+                    muxer.container.close()
 
     # -- internals --------------------------------------------------------------------------
 
@@ -212,8 +230,7 @@ class Segmenter:
             if self._open is None or self._open.audio is None:
                 self.stats.audio_dropped += 1  # before the first keyframe: no segment yet
                 continue
-            packet.stream = self._open.audio
-            self._open.container.mux(packet)
+            self._open.audio.mux(packet)
             self.stats.audio_packets += 1
 
     def _begin_segment(self) -> None:
@@ -221,33 +238,25 @@ class Segmenter:
         self._next_index += 1
         self.stats.segments += 1
         self._sink.begin(self._index)
-        container = av.open(
-            self._writer,
-            "w",
-            format="mpegts",
-            buffer_size=WRITE_BUFFER,
-            # flush_packets: the sink gets each packet's bytes as it is muxed, not when the
-            # buffer fills. mpegts_copyts: timestamps as given, never offset by the muxer.
-            # max_interleave_delta: a packet goes out once one with a later timestamp is in,
-            # whichever stream it is on. FFmpeg otherwise holds every video packet until the
-            # audio has caught up with it, and muxers put audio in PES of up to 0.7 s (FFmpeg's
-            # max_delay) that arrive that late: measured, video held 31 frames (0.5 s), not 1.
-            container_options={"flush_packets": "1", "mpegts_copyts": "1", "max_interleave_delta": "1"},
-        )
-        video = container.add_mux_stream("h264", width=self.width, height=self.height)
-        video.time_base = CLOCK
+        # The video PES carry their length (see the module's docstring).
+        video = _Muxer.open(_TsWriter(self._sink, self.stats, self._tables), {"omit_video_pes_length": "0"})
+        video.stream = video.container.add_mux_stream("h264", width=self.width, height=self.height)
+        video.stream.time_base = CLOCK
+        video.container.start_encoding()
         audio = None
         if self._audio_info is not None:
-            audio = self._audio_info.add_to(container)
-        container.start_encoding()  # the header (PAT/PMT) goes out now
-        self._open = _OpenSegment(container, video, audio)
+            audio = _Muxer.open(_TsWriter(self._sink, self.stats, {}), {"mpegts_start_pid": str(AUDIO_PID)})
+            audio.stream = self._audio_info.add_to(audio.container)
+            audio.container.start_encoding()
+        self._open = _OpenSegment(video, audio)
 
     def _end_segment(self) -> None:
         if self._open is None:
             return
-        container, self._open = self._open.container, None
-        # Closing writes out what the muxer still holds (interleaving queue, buffered audio).
-        container.close()
+        muxers, self._open = self._open.muxers, None
+        # Closing writes out what a muxer still holds (the audio muxer buffers a PES's frames).
+        for muxer in muxers:
+            muxer.container.close()
         self._sink.end(self._index)
 
 
@@ -260,23 +269,107 @@ def _retimed(packet: av.Packet, data: bytes, rate: Fraction) -> av.Packet:
     return copy
 
 
-@dataclass(frozen=True)
-class _OpenSegment:
-    container: av.container.OutputContainer
-    video: av.stream.Stream
-    audio: av.AudioStream | None
+def _program_tables(info: AudioInfo) -> dict[int, bytes]:
+    """The PSI packets (PAT, PMT, SDT) of one program with an H.264 stream and this audio
+    stream on AUDIO_PID, by PID: what a muxer with both writes before its first packet."""
+    data = io.BytesIO()
+    with av.open(data, "w", format="mpegts", container_options=MUXER_OPTIONS) as container:
+        video = container.add_mux_stream("h264", width=16, height=16)
+        info.add_to(container)
+        packet = av.Packet(b"\x00\x00\x00\x01\x09\xf0")  # an access unit delimiter
+        packet.stream, packet.pts, packet.dts, packet.time_base = video, 0, 0, CLOCK
+        container.mux(packet)
+    tables: dict[int, bytes] = {}
+    written = data.getvalue()
+    for offset in range(0, len(written), TS_PACKET):
+        pid = _pid(written, offset)
+        if not _is_table(pid):
+            break  # the first stream packet: the tables come before it
+        tables.setdefault(pid, written[offset : offset + TS_PACKET])
+    return tables
 
 
-class _SinkWriter:
-    """The file object the muxer writes to: each write goes straight on to the sink."""
+def _pid(data: bytes, offset: int) -> int:
+    return (data[offset + 1] & 0x1F) << 8 | data[offset + 2]
 
-    def __init__(self, sink: SegmentSink, stats: SegmenterStats) -> None:
+
+def _is_table(pid: int) -> bool:
+    """PSI and SI are on the PIDs below 0x20, and on the PMT's."""
+    return pid < 0x20 or pid == PMT_PID
+
+
+class _TsWriter:
+    """The file object a muxer writes to: its TS packets go straight on to the sink, but for its
+    PSI when `tables` is given: a PSI packet is replaced by the one of `tables` on its PID
+    (continuity counted on), or left out when `tables` has none."""
+
+    def __init__(self, sink: SegmentSink, stats: SegmenterStats, tables: dict[int, bytes] | None) -> None:
         self.discard = False
         self._sink = sink
         self._stats = stats
+        self._tables = tables
+        self._continuity: dict[int, int] = {}  # per PID of `tables`: the next counter
+        self._rest = b""  # a TS packet begun in the last write (none with WRITE_BUFFER)
 
     def write(self, data: bytes) -> int:
         if not self.discard:
-            self._sink.write(data)
-            self._stats.bytes += len(data)
+            out = data if self._tables is None else self._swap_tables(data)
+            if out:
+                self._sink.write(out)
+                self._stats.bytes += len(out)
         return len(data)
+
+    def _swap_tables(self, data: bytes) -> bytes:
+        if self._rest:
+            data, self._rest = self._rest + data, b""
+        whole = len(data) - len(data) % TS_PACKET
+        if whole < len(data):
+            data, self._rest = data[:whole], data[whole:]
+        pieces: list[bytes] = []
+        kept = 0  # data up to here is in `pieces` or left out
+        for offset in range(0, whole, TS_PACKET):
+            pid = _pid(data, offset)
+            if not _is_table(pid):
+                continue
+            pieces.append(data[kept:offset])
+            kept = offset + TS_PACKET
+            assert self._tables is not None
+            table = self._tables.get(pid)
+            if table is not None:
+                counter = self._continuity.get(pid, 0)
+                self._continuity[pid] = (counter + 1) & 0xF
+                pieces.append(table[:3] + bytes([table[3] & 0xF0 | counter]) + table[4:])
+        if not pieces:
+            return data
+        pieces.append(data[kept:])
+        return b"".join(pieces)
+
+
+class _Muxer:
+    """One MPEG-TS muxer of one stream, writing through its _TsWriter."""
+
+    def __init__(self, container: av.container.OutputContainer, writer: _TsWriter) -> None:
+        self.container = container
+        self.writer = writer
+        self.stream: av.stream.Stream | None = None
+
+    @classmethod
+    def open(cls, writer: _TsWriter, options: dict[str, str]) -> _Muxer:
+        container = av.open(
+            writer, "w", format="mpegts", buffer_size=WRITE_BUFFER, container_options=MUXER_OPTIONS | options
+        )
+        return cls(container, writer)
+
+    def mux(self, packet: av.Packet) -> None:
+        packet.stream = self.stream
+        self.container.mux(packet)
+
+
+@dataclass(frozen=True)
+class _OpenSegment:
+    video: _Muxer
+    audio: _Muxer | None
+
+    @property
+    def muxers(self) -> tuple[_Muxer, ...]:
+        return (self.video,) if self.audio is None else (self.video, self.audio)

@@ -540,9 +540,10 @@ class Relay:
         packet.is_keyframe = is_idr(unit)
         if packet.is_keyframe:
             self._keyframe_requests = 0
-        if self._pictures is not None:
-            self._pictures.add(unit, packet.is_keyframe)  # repeats too: later units refer to them
         pts = self._output_pts(session, arrival)
+        if self._pictures is not None:
+            # Repeats too (later units refer to them), but their pictures are not the output's.
+            self._pictures.add(unit, packet.is_keyframe, shown=pts is not None)
         if pts is None:
             return
         self._last_return = arrival

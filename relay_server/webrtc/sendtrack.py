@@ -27,8 +27,10 @@ Zero-transcode: the hand-off may give the input's own encoded access units inste
 frames. They are paced the same way and go out as they are, but never one by one: a unit past
 the budget takes the units up to the newest keyframe queued with it (whole GOPs), and goes at
 once when none is queued. When the input stalls, the last keyframe is what goes again (a P-frame
-repeated would corrupt the picture). Frames that follow units start on an IDR of our encoder, so
-the processor's decoder switches cleanly between the two streams.
+repeated would corrupt the picture); so it does at once when a GOP's tail is let go, or the
+last unit sent would wait in the processor's jitter buffer for the next GOP. Frames that follow
+units start on an IDR of our encoder, so the processor's decoder switches cleanly between the
+two streams.
 
 Send timestamps come from the monotonic clock, not from the input: repeats and input jumps keep
 one clean RTP timeline, and the round-trip matcher needs the clock's jitter (see roundtrip.py),
@@ -200,6 +202,7 @@ class SendTrack(MediaStreamTrack):
         self._flushed = False  # the last frame went out once more after the input ended
         self._repeating = False  # the last frame sent was a repeat
         self._after_units = False  # the last thing sent was an access unit: the next frame is an IDR
+        self._push_out = False  # a GOP's tail was let go: the last keyframe goes again at once
         self.sent_all = asyncio.Event()  # the input ended and its last frame went out
         self._encode_loop = asyncio.get_running_loop()
 
@@ -214,6 +217,10 @@ class SendTrack(MediaStreamTrack):
             await self._in_flight.room()
             # Until the first frame there is nothing to repeat: wait for one without a timer.
             timeout = None if self._frames.current is None else self._repeat_after
+            if self._push_out:
+                # The processor's jitter buffer lets the last unit sent go only when the next
+                # frame starts: the last keyframe goes again now, not a GOP (or repeat_after) later.
+                self._push_out, timeout = False, 0
             taken = await self._frames.next(timeout)
             if taken is None:
                 if not self._frames.ended:
@@ -309,6 +316,7 @@ class SendTrack(MediaStreamTrack):
             if units is not None and self._unit_late(taken, media, now, timeline):
                 units.let_gop_go()
                 timeline.stats.late += 1
+                self._push_out = self._media is not None
                 return None
             placed = timeline.due(media, now)
         else:

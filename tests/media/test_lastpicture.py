@@ -67,3 +67,20 @@ def test_nothing_is_kept_before_a_keyframe_or_past_the_limit() -> None:
     assert pictures.kept == 0  # a 30-frame GOP is longer than 8 units: let go
     pictures.add(units[0], True)
     assert pictures.kept == 1
+
+
+def test_units_the_output_let_go_are_decoded_but_not_shown() -> None:
+    """A repeat of the last keyframe comes back, is let go by the output, and the units after it
+    refer to it: it is decoded with them, but the picture stays the last one shown, also while
+    the repeat begins a GOP of its own."""
+    units = encoded(20, gop=10)
+    pictures = LastPicture()
+    for unit in units[:15]:
+        pictures.add(unit, is_idr(unit))
+    pictures.add(units[10], True, shown=False)  # frame 10's keyframe again, not shown
+    picture = pictures.picture()
+    assert picture is not None and read_index(picture) == 14
+    for unit in units[:5]:  # a GOP whose keyframe was let go, then shown frames
+        pictures.add(unit, is_idr(unit), shown=unit is not units[0])
+    picture = pictures.picture()
+    assert picture is not None and read_index(picture) == 4

@@ -136,19 +136,18 @@ def test_each_unit_completes_with_its_last_ts_packet(spec: ClipSpec) -> None:
     assert late <= 1
 
 
-def test_segmenter_output_completes_on_stuffing() -> None:
-    """Our own Segmenter's output (FFmpeg's muxer, flush_packets, with AAC) is stuffed the same way."""
+def test_segmenter_output_completes_on_its_pes_length() -> None:
+    """Our own Segmenter's output (FFmpeg's muxer, flush_packets, with AAC) writes each video PES's
+    length: every unit completes with its last TS packet, also the ones that fill it (which a
+    length-less PES could end only when the next one starts)."""
     result = run(timeline("30fps", seconds=3.0), audio=audio_source("aac", seconds=3.0))
     data = b"".join(result.sink.ended())
     splitter, events = split(data, PACKET)
     pes = video_pes(data)
-    assert [u.end for u in units(events)] == [
-        p.end if not p.last_full else (pes[i + 1].first + PACKET if i + 1 < len(pes) else len(data))
-        for i, p in enumerate(pes)
-    ]
+    assert [u.end for u in units(events)] == [p.end for p in pes]
     assert [(u.data, u.pts, u.dts) for u in units(events)] == libavformat_units(data)
     stats = splitter.stats
-    assert stats.by_stuffing == sum(not p.last_full for p in pes) >= len(pes) - 3 and stats.damaged == 0
+    assert stats.by_length == len(pes) and stats.damaged == 0
 
 
 def test_splitter_cost() -> None:
