@@ -34,10 +34,12 @@ ABANDON_AFTER = 1.0
 # After a failure the channel may be gone or rewound (server restart); within the start-up grace,
 # waits for a segment to start are re-issued this often until data flows, not every TRICKLE_TIMEOUT.
 RECOVERY_WAIT = 2.0
-# Retry timing for a channel that does not exist yet (404 within the start-up grace).
-# At most half a second: a session routinely starts before its input, whose first frame should
-# not wait for the next try.
-NOT_FOUND_BACKOFF = Backoff(initial=0.1, factor=2.0, maximum=0.5, attempts=1_000_000)
+# Retry timing for a channel that does not exist yet (404 within the start-up grace). A session
+# routinely starts before its input, whose first frames wait for the next try: measured, a
+# session started 5 s before its input had its first output 0.31-0.39 s after the first input
+# frame with tries up to 0.5 s apart, 0.06-0.12 s with tries 0.02 s apart. A try every 0.1 s:
+# ten small requests a second, for at most the start-up grace.
+NOT_FOUND_BACKOFF = Backoff(initial=0.1, factor=1.0, maximum=0.1, attempts=1_000_000)
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 
