@@ -783,7 +783,20 @@ if __name__ == "__main__":
         " loopback in-process, then loopback with 2 workers; --quick: loopback in-process and with 2)",
     )
     parser.add_argument("--mode", choices=MODES, default="transcode", help="the sessions' video mode")
+    parser.add_argument(
+        "--counts",
+        type=lambda text: [int(count) for count in text.split(",")],
+        help="the session counts swept, e.g. 4,8,16,32 (a machine with many cores: bench/manycore)",
+    )
+    parser.add_argument("--windows", type=int, help=f"windows per count (default {REPEATS[False]})")
+    parser.add_argument("--seconds", type=float, help=f"seconds per window (default {SECONDS[False]:g})")
     args = parser.parse_args()
     if any(count < 1 for count in args.workers or []):
         parser.error("--workers: 1 (in-process) or more")
+    if any(count < 1 for count in args.counts or []) or (args.windows or 1) < 1 or (args.seconds or 1) <= 0:
+        parser.error("--counts, --windows and --seconds: positive")
+    # The sweep's shape, told: this run's only (one process, one sweep plan).
+    COUNTS[args.quick] = sorted(set(args.counts or COUNTS[args.quick]))
+    REPEATS[args.quick] = args.windows or REPEATS[args.quick]
+    SECONDS[args.quick] = args.seconds or SECONDS[args.quick]
     print(main(args.quick, args.processor, args.mode, args.workers).read_text())

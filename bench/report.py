@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,12 +48,22 @@ def median(values: Sequence[float]) -> float:
 
 def machine() -> dict[str, Any]:
     return {
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "event loop": settings.event_loop(),  # the relay's, as `trickle-relay serve` runs it
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def cpu_model() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it (else the platform's word for it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -81,6 +92,8 @@ def write(
     text = f"# {title}\n\n{markdown_table(rows)}"
     if notes:
         text += f"\n{notes.strip()}\n"
+    box = document["machine"]
+    text += f"\nMachine: {box['cpu']}, {box['cpus']} CPUs, {box['platform']}, Python {box['python']}.\n"
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path
