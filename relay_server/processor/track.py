@@ -157,13 +157,16 @@ class ProcessingTrack(ReturnedTrack):
     async def _next_input(self) -> av.VideoFrame:
         max_fps = self.pipeline.knobs.max_fps
         if max_fps:
-            # Pacing under the cap: wait for the slot, then take the newest frame.
+            # Pacing under the cap: wait for the slot, then take the next frame.
             now = time.monotonic()
             if self._next_due > now:
                 await asyncio.sleep(self._next_due - now)
-            interval = 1 / max_fps
-            self._next_due = max(self._next_due + interval, time.monotonic())
-        return await self._next_in(self._inbox, self.pipeline.knobs.input_timeout or None)
+        frame = await self._next_in(self._inbox, self.pipeline.knobs.input_timeout or None)
+        if max_fps:
+            # The next slot is an interval after this frame was taken: after a wait for input
+            # too (a slot does not keep, or the first frames after it would go two at once).
+            self._next_due = max(self._next_due, time.monotonic()) + 1 / max_fps
+        return frame
 
     def stop(self) -> None:
         super().stop()
