@@ -103,28 +103,39 @@ class InFlight:
         self.limit = limit
         self.expiry = expiry
         self._stats = stats
-        self._sent: deque[float] = deque()  # send times; bounded by `limit` (room() before send)
+        # (send time, timed: not a repeat), oldest first; bounded by `limit` (room() before send)
+        self._sent: deque[tuple[float, bool]] = deque()
         self._returned = asyncio.Event()
         self._paces: deque[float] = deque(maxlen=PACE_RETURNS)
         self._last_return: float | None = None
+        self._trip: float | None = None  # the last timed round trip, while the pace is unknown
 
     def __len__(self) -> int:
         return len(self._sent)
 
-    def sent(self, at: float) -> None:
+    def sent(self, at: float, timed: bool = True) -> None:
+        """A frame went out at `at`; `timed`: its return says how long the processor took (a
+        repeat's waits in the processor's jitter buffer for the next frame)."""
         if self.limit:
-            self._sent.append(at)
+            self._sent.append((at, timed))
 
     def returned(self, passed_over: int = 0, sent_at: float | None = None) -> None:
         """A frame came back (sent at `sent_at`, when known), and `passed_over` sent before it
-        never will (those already presumed lost by expiry are no longer here)."""
+        never will (those already presumed lost by expiry are no longer here). Until the round
+        trip matcher knows, the frame back is taken to be the oldest out (a processor returns
+        frames in order), unless that was a repeat."""
         now = time.monotonic()
         leaving = min(1 + passed_over, len(self._sent))
+        oldest: tuple[float, bool] | None = None
         for _ in range(leaving):
-            self._sent.popleft()
+            oldest = self._sent.popleft()
         self._stats.presumed_lost += max(0, leaving - 1)
-        if sent_at is not None and self._last_return is not None and sent_at < self._last_return:
-            self._paces.append(now - self._last_return)  # it waited while the one before was served
+        if sent_at is None and oldest is not None and oldest[1]:
+            sent_at = oldest[0]
+        if sent_at is not None:
+            self._trip = now - sent_at
+            if self._last_return is not None and sent_at < self._last_return:
+                self._paces.append(now - self._last_return)  # it waited while the one before was served
         self._last_return = now
         self._returned.set()
 
@@ -132,13 +143,15 @@ class InFlight:
         """Seconds a frame sent now may take to come back because of the frames still out: the
         processor's pace (the median time between returns while others waited: the time it
         takes for one frame when busy) for each of them and for the frame itself; 0 when none
-        is out, None while the pace is unknown."""
+        is out. Until the pace is known (the second return), the last round trip stands for it:
+        a slow processor's first frames do not all go before its pace is known. None before
+        any came back."""
         if not self._sent:
             return 0.0
-        if not self._paces:
-            return None
-        paces = sorted(self._paces)
-        return (len(self._sent) + 1) * paces[len(paces) // 2]
+        if self._paces:
+            paces = sorted(self._paces)
+            return (len(self._sent) + 1) * paces[len(paces) // 2]
+        return None if self._trip is None else (len(self._sent) + 1) * self._trip
 
     async def room(self) -> None:
         """Wait until another frame may go out."""
@@ -153,14 +166,14 @@ class InFlight:
         started = time.monotonic()
         while True:
             now = time.monotonic()
-            while self._sent and self._sent[0] <= now - self.expiry:
+            while self._sent and self._sent[0][0] <= now - self.expiry:
                 self._sent.popleft()
                 self._stats.presumed_lost += 1
             if len(self._sent) < count:
                 return now - started
             self._returned.clear()
             try:
-                async with asyncio.timeout(self._sent[0] + self.expiry - now):
+                async with asyncio.timeout(self._sent[0][0] + self.expiry - now):
                     await self._returned.wait()
             except TimeoutError:
                 pass
@@ -280,7 +293,7 @@ class SendTrack(MediaStreamTrack):
         # A repeat's round trip says nothing of the processor's: the one before it waits in the
         # processor's jitter buffer until it comes, half a second later.
         self._roundtrip.sent(pts, sent, media, timed=not self._repeating)
-        self._in_flight.sent(sent)
+        self._in_flight.sent(sent, timed=not self._repeating)
         self.stats.frames += 1
         return data
 

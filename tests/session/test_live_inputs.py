@@ -28,7 +28,6 @@ from relay_server.session.relay import Relay, RelayStats
 from relay_server.trickle import Publisher
 from relay_server.trickle.server import TrickleServer
 from relay_server.webrtc import LinkSettings
-from relay_server.webrtc.sendtrack import MAX_IN_FLIGHT
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="the ffmpeg CLI is not installed")
 
@@ -330,19 +329,15 @@ async def test_a_slow_processor_gets_what_it_takes_and_the_rest_is_counted_late(
     assert stats.paths.send == ("forward" if mode is VideoMode.PASSTHROUGH else "encode")
     if mode is VideoMode.AUTO:
         assert stats.paths.send_reason == TOO_SLOW and stats.paths.switches == 1
-    # Latency: the budget, and a frame's time at the processor (0.1 s). Before the first frames
-    # come back nothing says how slow it is: max_in_flight frames go out at once, and a
-    # forwarded first GOP goes on until its units fall behind (auto decodes from the next
-    # keyframe). After that, every frame within the budget and its own 0.1 s, with room for a
-    # busy machine: also the last unit sent of a GOP whose tail went late, which waited in the
-    # processor's jitter buffer (aiortc's lets a frame go when the next one starts) until the
-    # last keyframe went again half a second later, and in our muxer until the next frame came.
+    # Latency: the budget, and a frame's time at the processor (0.1 s), with room for a busy
+    # machine, over the whole session: also its first frames, judged by the first round trip
+    # until the processor's pace shows, and the last unit sent of a GOP whose tail went late
+    # (it waited in the processor's jitter buffer, which lets a frame go when the next one
+    # starts, until the last keyframe went again half a second later, and in our muxer until
+    # the next frame came).
     latencies = sorted(run.latencies())
     assert latencies[len(latencies) // 2] <= budget + 0.1 + 0.05, latencies
-    first_gop = round(live.spec.gop * live.spec.rate)
-    assert max(run.latencies(since=first_gop)) <= budget + 0.1 + 0.2
-    if mode is VideoMode.TRANSCODE:
-        assert max(run.latencies()) <= budget + MAX_IN_FLIGHT / 10 + 0.2 + 0.1
+    assert latencies[-1] <= budget + 0.1 + 0.15, latencies[-10:]
     assert all(depth.depth <= depth.capacity for depth in stats.queues)
     run.check_output(markers=False)
 

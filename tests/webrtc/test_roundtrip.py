@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -157,18 +158,42 @@ async def test_frames_passed_over_leave_the_in_flight_window_at_once_counted_los
 
 def test_the_processors_pace_is_learnt_from_frames_that_waited_for_the_one_before() -> None:
     in_flight = InFlight(SendStats(), limit=4)
+    sent = time.monotonic() - 0.5
     for _ in range(4):
-        in_flight.sent(0.0)
-    assert in_flight.wait() is None  # frames out, the pace not known yet
-    in_flight.returned(sent_at=0.0)  # the first return: nothing came back before it
-    in_flight.returned(sent_at=math.inf)  # sent after the return before it: it did not wait
-    in_flight.returned()  # not matched: when it went out is not known
-    assert in_flight.wait() is None
-    in_flight.returned(sent_at=0.0)  # it waited while the one before was served
+        in_flight.sent(sent)
+    assert in_flight.wait() is None  # frames out, none back: nothing known
+    in_flight.returned(sent_at=sent)  # the first return: a round trip of 0.5 s, no pace yet
+    until_known = in_flight.wait()
+    assert until_known is not None and until_known >= 4 * 0.5  # three out and the next
+    # Not matched: in order, the oldest out, which waited while the one before was served: the
+    # time between the two returns (microseconds here) is the pace.
+    in_flight.returned()
+    known = in_flight.wait()
+    assert known is not None and known < 0.01 and len(in_flight) == 2
+    in_flight.returned()
+    in_flight.returned()
     assert len(in_flight) == 0 and in_flight.wait() == 0.0
-    in_flight.sent(0.0)
-    pace = in_flight.wait()
-    assert pace is not None and pace >= 0.0
+
+
+def test_until_the_pace_is_known_the_last_round_trip_stands_for_it() -> None:
+    """A slow processor's first frames: the first back says how long one took; the frames out
+    and the next may each take as long, before any waited for another to show the pace."""
+    in_flight = InFlight(SendStats(), limit=4)
+    sent = time.monotonic() - 0.2
+    for _ in range(3):
+        in_flight.sent(sent)
+    in_flight.returned()  # not matched: in order, the oldest out, 0.2 s ago
+    estimate = in_flight.wait()
+    assert estimate is not None and 3 * 0.2 <= estimate < 3 * 1.0  # two out and the next
+
+
+def test_a_repeat_back_says_nothing_of_the_processors_pace() -> None:
+    """A repeat's return waited in the processor's jitter buffer for the next frame."""
+    in_flight = InFlight(SendStats(), limit=4)
+    in_flight.sent(time.monotonic() - 5.0, timed=False)
+    in_flight.sent(time.monotonic())
+    in_flight.returned()  # the repeat, not matched: no round trip from it
+    assert in_flight.wait() is None
 
 
 def test_a_repeat_gives_no_send_time_for_the_pace() -> None:
