@@ -280,6 +280,8 @@ async def test_an_input_stall_of_8_s_then_the_output_resumes_in_sync(
     assert run.stats.frames_filled > 0  # the output repeated its last picture meanwhile
     assert run.stats.link.losses == 0  # the processor was kept fed: its watchdog never fired
     resumed_whole(run, 90)
+    # The first frame after the stall is out as soon as any: no later than 100 ms past the rest.
+    assert run.latencies(since=90)[0] <= statistics.median(run.latencies()) + 0.1
     run.check_output()
 
 
