@@ -91,6 +91,7 @@ class SendStats:
     presumed_lost: int = 0
     rate_capped: int = 0  # frames not sent: max_fps
     resent: int = 0  # packets sent again: the processor's returns stalled (resend.py)
+    pushed: int = 0  # the newest packet sent again after a NACK was answered (resend.py)
 
 
 class InFlight:
