@@ -147,8 +147,9 @@ class Segmenter:
         self._sink = sink
         self._next_index = start_index
         self._index = -1  # segment being written
-        self._audio_info: AudioInfo | None = None
-        self._tables: dict[int, bytes] | None = None  # the PSI of a program with both streams
+        # The audio stream carried, and the PSI of a program with it and the video: one attribute,
+        # set on one thread and read on another.
+        self._carried: tuple[AudioInfo, dict[int, bytes]] | None = None
         # (pts90k, packet) in arrival order, which mux_audio keeps in pts order.
         self._audio: deque[tuple[int, av.Packet]] = deque(maxlen=audio_queue)
         self._last_audio_pts: int | None = None
@@ -158,7 +159,7 @@ class Segmenter:
         """Carry an audio stream in every segment from the next one begun (any thread: the muxing
         thread reads it when it begins one); audio before that is dropped, counted."""
         if not self.drop_audio:
-            self._audio_info, self._tables = info, _program_tables(info)
+            self._carried = info, _program_tables(info)
 
     def mux_video(self, packet: av.Packet) -> None:
         """Mux an encoded video packet (pts = dts on the 90 kHz clock); a keyframe cuts."""
@@ -187,7 +188,7 @@ class Segmenter:
 
         It is held until video passes its timestamp, so the two interleave by time.
         """
-        if self._audio_info is None:
+        if self._carried is None:
             if not self.drop_audio:
                 raise RuntimeError("mux_audio before add_audio_stream")
             self.stats.audio_dropped += 1
@@ -239,15 +240,17 @@ class Segmenter:
         self._next_index += 1
         self.stats.segments += 1
         self._sink.begin(self._index)
+        carried = self._carried
+        tables = carried[1] if carried is not None else None
         # The video PES carry their length (see the module's docstring).
-        video = _Muxer.open(_TsWriter(self._sink, self.stats, self._tables), {"omit_video_pes_length": "0"})
+        video = _Muxer.open(_TsWriter(self._sink, self.stats, tables), {"omit_video_pes_length": "0"})
         video.stream = video.container.add_mux_stream("h264", width=self.width, height=self.height)
         video.stream.time_base = CLOCK
         video.container.start_encoding()
         audio = None
-        if self._audio_info is not None:
+        if carried is not None:
             audio = _Muxer.open(_TsWriter(self._sink, self.stats, {}), {"mpegts_start_pid": str(AUDIO_PID)})
-            audio.stream = self._audio_info.add_to(audio.container)
+            audio.stream = carried[0].add_to(audio.container)
             audio.container.start_encoding()
         self._open = _OpenSegment(video, audio)
 
