@@ -335,9 +335,10 @@ class SendTrack(MediaStreamTrack):
             placed = timeline.due(media, now)
         else:
             # A slow processor's queue counts against the budget too: the frames still out there
-            # go first, at its pace (until that is known, this one takes as long as the last few
-            # did). Not a median latency: that remembers a queue long gone, and while frames are
-            # held back because of it none comes back to show that it is gone.
+            # go first, at its pace (InFlight.wait(); before any came back on this connection,
+            # the link's recent round trips stand for the wait). Not a median latency: that
+            # remembers a queue long gone, and while frames are held back because of it none
+            # comes back to show that it is gone.
             ahead = self._in_flight.wait()
             if ahead is None:
                 ahead = self._roundtrip.latencies.recent() if len(self._in_flight) else 0.0
