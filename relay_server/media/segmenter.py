@@ -313,7 +313,6 @@ class _TsWriter:
         self._stats = stats
         self._tables = tables
         self._continuity: dict[int, int] = {}  # per PID of `tables`: the next counter
-        self._rest = b""  # a TS packet begun in the last write (none with WRITE_BUFFER)
 
     def write(self, data: bytes) -> int:
         if not self.discard:
@@ -324,14 +323,11 @@ class _TsWriter:
         return len(data)
 
     def _swap_tables(self, data: bytes) -> bytes:
-        if self._rest:
-            data, self._rest = self._rest + data, b""
-        whole = len(data) - len(data) % TS_PACKET
-        if whole < len(data):
-            data, self._rest = data[:whole], data[whole:]
+        # Writes are whole TS packets: the muxer writes them whole into a buffer of whole ones
+        # (WRITE_BUFFER) and flushes it at the end of every packet muxed.
         pieces: list[bytes] = []
         kept = 0  # data up to here is in `pieces` or left out
-        for offset in range(0, whole, TS_PACKET):
+        for offset in range(0, len(data) - TS_PACKET + 1, TS_PACKET):
             pid = _pid(data, offset)
             if not _is_table(pid):
                 continue

@@ -28,6 +28,7 @@ from relay_server.api.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from relay_server.service.servicer import RelayServicer
 from relay_server.serving import listen_error
 from relay_server.session.manager import SessionManager
+from relay_server.waits import until_set
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,7 @@ class DrainingHealth(health.aio.HealthServicer):
         self._draining = asyncio.Event()
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
-        watching = asyncio.ensure_future(super().Watch(request, context))
-        draining = asyncio.ensure_future(self._draining.wait())
-        try:
-            await asyncio.wait((watching, draining), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (watching, draining):
-                task.cancel()
-            await asyncio.gather(watching, draining, return_exceptions=True)
+        watching = await until_set(super().Watch(request, context), self._draining)
         if not self._draining.is_set():
             return watching.result()  # the watch's own end (its error)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")

@@ -64,6 +64,7 @@ from relay_server.service.convert import to_config
 from relay_server.service.servicer import reported
 from relay_server.session.manager import KEEP_ENDED
 from relay_server.session.session import SessionState
+from relay_server.waits import until_set
 
 if TYPE_CHECKING:
     from relay_server.service.app import ServeOptions
@@ -272,14 +273,7 @@ class WorkerPool:
     async def _supervise(self, worker: Worker) -> None:
         """Start the worker again whenever it dies, until the pool drains."""
         while True:
-            ended = asyncio.ensure_future(worker.ended())
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            try:
-                await asyncio.wait((ended, stopping), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiting in (ended, stopping):
-                    waiting.cancel()
-                await asyncio.gather(ended, stopping, return_exceptions=True)
+            ended = await until_set(worker.ended(), self._stopping)
             if self._stopping.is_set():
                 return
             log.error("%s: its sessions failed; starting it again", worker.died(ended.result()))

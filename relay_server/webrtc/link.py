@@ -48,6 +48,7 @@ from relay_server.media.encoder import EncoderStats, VideoEncoder
 from relay_server.media.h264 import is_idr
 from relay_server.media.handoff import FrameQueue
 from relay_server.media.timeline import SessionTimeline
+from relay_server.waits import until_set
 from relay_server.webrtc import jitter
 from relay_server.webrtc.control import ControlClient, ControlError
 from relay_server.webrtc.resend import Resender
@@ -346,15 +347,7 @@ class ProcessorLink:
 
     async def _unless_stopped(self, work: Awaitable[_T]) -> _T | None:
         """`work`'s result, or None once stop() was called (the work is then cancelled)."""
-        task = asyncio.ensure_future(work)
-        stopping = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in (stopping, task):
-                if not waiting.done():
-                    waiting.cancel()
-            await asyncio.wait([stopping, task])
+        task = await until_set(work, self._stop)
         return None if task.cancelled() else task.result()
 
     def _retire(self, connection: _Connection) -> None:

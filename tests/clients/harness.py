@@ -191,6 +191,50 @@ async def start_bulky_sessions(relay: Relay, count: int) -> list[str]:
     return ids
 
 
+@dataclass
+class StartRefusals:
+    full: list[Result]  # refused while the relay was full: with default --attempts, then 2
+    draining: Result  # refused while the relay drained, with --attempts 4
+
+
+async def refused_starts(relay: Relay, client: Callable[..., Awaitable[Result]]) -> StartRefusals:
+    """StartSession refused through `client` (relay.relayctl or relay.node) on a relay with room
+    for one session: which refusals it tries again, how often, and what it reports (the first line
+    of its error); the client's own wording is left to its test."""
+    occupant = await client("start", "--id", "occupant", *relay.waiting_session("occupant"))
+    assert occupant.returncode == 0, occupant.stderr
+
+    # Full: tried --attempts times (3 by default), then the last refusal is reported.
+    full = []
+    for attempts, expected in [([], 3), (["--attempts", "2"], 2)]:
+        refused, calls = await relay.calls_during(client("start", *attempts, *relay.waiting_session("more")))
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
+        assert [call.method for call in calls] == ["StartSession"] * expected
+        full.append(refused)
+
+    # With an id the proxy would send every attempt to the same replica: one call.
+    named, calls = await relay.calls_during(client("start", "--id", "x", *relay.waiting_session("x")))
+    assert (named.returncode, len(calls)) == (1, 1)
+    assert named.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
+
+    # Any other error is not tried again: in general it may have created the session.
+    invalid, calls = await relay.calls_during(
+        client("start", "--subscribe-url", "ftp://x", "--publish-url", relay.output_url("y"))
+    )
+    assert (invalid.returncode, len(calls)) == (1, 1)
+    assert invalid.stderr.startswith("error: INVALID_ARGUMENT: ")
+
+    await relay.server.manager.drain()  # the relay takes no new sessions from now on
+    draining, calls = await relay.calls_during(
+        client("start", "--attempts", "4", *relay.waiting_session("late"))
+    )
+    assert draining.returncode == 1
+    assert draining.stderr.startswith("error: UNAVAILABLE: ")
+    assert len(calls) == 4
+    return StartRefusals(full, draining)
+
+
 class Streaming:
     """A client left running (watch): its output read line by line, each wait bounded."""
 

@@ -10,6 +10,7 @@ from relay_server.trickle.server import TrickleServer
 from tests.clients.harness import (
     SESSION_HEADER,
     Relay,
+    refused_starts,
     relay_server,
     self_signed,
     start_bulky_sessions,
@@ -155,37 +156,6 @@ async def test_start_without_id_tries_again_when_refused(
     trickle_server: TrickleServer, node_client: Path
 ) -> None:
     async with relay_server(trickle_server, max_sessions=1) as relay:
-        occupant = await relay.node("start", "--id", "occupant", *relay.waiting_session("occupant"))
-        assert occupant.returncode == 0, occupant.stderr
-
-        # Full: tried --attempts times (3 by default), then the last refusal is reported.
-        for attempts, expected in [([], 3), (["--attempts", "2"], 2)]:
-            refused, calls = await relay.calls_during(
-                relay.node("start", *attempts, *relay.waiting_session("more"))
-            )
-            assert refused.returncode == 1
-            assert refused.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
-            assert [call.method for call in calls] == ["StartSession"] * expected
-
-        # With an id the proxy would send every attempt to the same replica: one call.
-        named, calls = await relay.calls_during(relay.node("start", "--id", "x", *relay.waiting_session("x")))
-        assert (named.returncode, len(calls)) == (1, 1)
-        assert named.stderr.startswith("error: RESOURCE_EXHAUSTED: ")
-
-        # Any other error is not tried again: in general it may have created the session.
-        invalid, calls = await relay.calls_during(
-            relay.node("start", "--subscribe-url", "ftp://x", "--publish-url", relay.output_url("y"))
-        )
-        assert (invalid.returncode, len(calls)) == (1, 1)
-        assert invalid.stderr.startswith("error: INVALID_ARGUMENT: ")
-
-        await relay.server.manager.drain()  # the relay takes no new sessions from now on
-        draining, calls = await relay.calls_during(
-            relay.node("start", "--attempts", "4", *relay.waiting_session("late"))
-        )
-        assert draining.returncode == 1
-        assert draining.stderr.startswith("error: UNAVAILABLE: ")
-        assert len(calls) == 4
-
+        await refused_starts(relay, relay.node)
         unusable = await relay.node("start", "--attempts", "0")
         assert unusable.returncode == 2 and "--attempts: expected a whole number >= 1" in unusable.stderr
