@@ -50,8 +50,11 @@ class InputSpec:
     gop: float = 2.0  # seconds between keyframes
     b_frames: int = 0
     profile: str = "high"
-    audio: str | None = "aac"  # "aac", "opus" or None
+    audio: str | None = "aac"  # an ffmpeg audio encoder ("aac", "mp2", "ac3"; "opus", "mp3"), or None
     variable: bool = False  # frame intervals vary (setpts), markers stay on their times
+    audio_rate: int = 48000
+    channels: str = "stereo"
+    ts_offset: float = 0.0  # seconds added to every timestamp (near 2**33 / 90000: the PTS wraps)
 
     @property
     def frames(self) -> int:
@@ -68,6 +71,7 @@ class InputSpec:
         return (
             f"{self.width}x{self.height}-{rate}fps-{self.seconds:g}s-gop{self.gop:g}-bf{self.b_frames}"
             f"-{self.profile}-{self.audio or 'silent'}{'-vfr' if self.variable else ''}"
+            f"-{self.audio_rate}-{self.channels}-off{self.ts_offset:g}"
         )
 
 
@@ -87,8 +91,9 @@ def make_input(spec: InputSpec, directory: Path) -> Path:
     ]  # fmt: skip
     if spec.audio is not None:
         beep = f"0.5*sin(2*PI*1000*t)*lt(mod(t\\,{float(period)})\\,{BEEP})"
-        command += ["-f", "lavfi", "-i", f"aevalsrc={beep}:s=48000:c=stereo:d={spec.seconds}"]
-        command += ["-c:a", "aac" if spec.audio == "aac" else "libopus", "-b:a", "96k"]
+        source = f"aevalsrc={beep}:s={spec.audio_rate}:c={spec.channels}:d={spec.seconds}"
+        encoder = {"opus": "libopus", "mp3": "libmp3lame"}.get(spec.audio, spec.audio)
+        command += ["-f", "lavfi", "-i", source, "-c:a", encoder, "-b:a", "96k"]
     if spec.variable:
         # Frame n at n/rate plus 0, 12 or 24 ms by n mod 3: intervals of 45, 45 and 9 ms at 30 fps;
         # markers (n a multiple of 3) stay where the beeps are.
@@ -97,7 +102,8 @@ def make_input(spec: InputSpec, directory: Path) -> Path:
         "-c:v", "libx264", "-preset", "veryfast", "-profile:v", spec.profile, "-pix_fmt", "yuv420p",
         "-bf", str(spec.b_frames), "-g", str(round(spec.gop * spec.rate)),
         "-keyint_min", str(round(spec.gop * spec.rate)), "-sc_threshold", "0",
-        "-b:v", "2M", "-frames:v", str(spec.frames), "-f", "mpegts", str(path),
+        "-b:v", "2M", "-output_ts_offset", str(spec.ts_offset),
+        "-f", "mpegts", str(path),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdin is not None
@@ -157,7 +163,8 @@ class LiveInput:
         ]
         self.sent: dict[int, float] = {}  # frame index → when its bytes went out
         self._watched: dict[int, asyncio.Event] = {}
-        self.presentation = {frame.index: frame.pts for frame in self.frames}
+        self.presentation = {frame.index: frame.pts for frame in self.frames}  # 90 kHz
+        self.audio_end = AudioFigures.of(data).end
 
     async def publish(
         self,
@@ -237,6 +244,7 @@ class Figures:
     ffmpeg_errors: str
     markers: list[Marker] = field(default_factory=list)
     audio_pts_increasing: bool = True
+    audio_end: float | None = None  # where the last audio frame ends (s)
 
     def lost(self, published: list[int]) -> list[int]:
         seen = set(self.indices)
@@ -297,8 +305,9 @@ class Probe:
             arrivals=[self._arrivals.get(p, float("nan")) for p in pts],
             ffmpeg_errors=ffmpeg_errors(data),
         )
-        beeps, audio_increasing = beep_onsets(data)
-        figures.audio_pts_increasing = audio_increasing
+        audio = AudioFigures.of(data)
+        beeps = audio.onsets
+        figures.audio_pts_increasing, figures.audio_end = audio.increasing, audio.end
         if lumas:
             threshold = statistics.median(lumas) + 40
             flashes = [p / 90_000 for p, luma in zip(pts, lumas, strict=True) if luma > threshold]
@@ -310,30 +319,38 @@ class Probe:
         return figures
 
 
-def beep_onsets(data: bytes) -> tuple[list[float], bool]:
-    """Output media times at which a beep starts, and whether audio timestamps only go forward."""
-    onsets: list[float] = []
-    with av.open(io.BytesIO(data), format="mpegts") as container:
-        if not container.streams.audio:
-            return onsets, True
-        packets = [p.pts for p in container.demux(audio=0) if p.size and p.pts is not None]
-    increasing = all(b > a for a, b in itertools.pairwise(packets))
-    with av.open(io.BytesIO(data), format="mpegts") as container:
-        quiet_since: float | None = None
-        for frame in container.decode(audio=0):
-            if frame.time is None:
-                continue
-            samples = np.abs(frame.to_ndarray()).max(axis=0)
-            loud = np.flatnonzero(samples > 0.1)
-            start = frame.time
-            if quiet_since is None:
-                quiet_since = start
-            if loud.size:
-                onset = start + loud[0] / frame.sample_rate
-                if onset - quiet_since >= QUIET:
-                    onsets.append(onset)
-                quiet_since = start + (loud[-1] + 1) / frame.sample_rate
-    return onsets, increasing
+@dataclass
+class AudioFigures:
+    onsets: list[float]  # media times at which a beep starts (s)
+    increasing: bool  # audio timestamps only go forward
+    end: float | None  # where the last audio frame ends (s); None: no audio
+
+    @classmethod
+    def of(cls, data: bytes) -> AudioFigures:
+        """The audio of an MPEG-TS stream, decoded."""
+        figures = cls([], True, None)
+        with av.open(io.BytesIO(data), format="mpegts") as container:
+            if not container.streams.audio:
+                return figures
+            packets = [p.pts for p in container.demux(audio=0) if p.size and p.pts is not None]
+        figures.increasing = all(b > a for a, b in itertools.pairwise(packets))
+        with av.open(io.BytesIO(data), format="mpegts") as container:
+            quiet_since: float | None = None
+            for frame in container.decode(audio=0):
+                if frame.time is None:
+                    continue
+                start = frame.time
+                figures.end = max(figures.end or start, start + frame.samples / frame.sample_rate)
+                samples = np.abs(frame.to_ndarray()).max(axis=0)
+                loud = np.flatnonzero(samples > 0.1)
+                if quiet_since is None:
+                    quiet_since = start
+                if loud.size:
+                    onset = start + loud[0] / frame.sample_rate
+                    if onset - quiet_since >= QUIET:
+                        figures.onsets.append(onset)
+                    quiet_since = start + (loud[-1] + 1) / frame.sample_rate
+        return figures
 
 
 def ffmpeg_errors(data: bytes) -> str:

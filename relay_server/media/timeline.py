@@ -266,7 +266,7 @@ class SessionTimeline:
         """The output timestamp (90 kHz) of session time `session`; None before the output began."""
         return None if self._output is None else session + self._output
 
-    def audio_pts(self, pts: int, duration: int = 0) -> int | None:
+    def audio_pts(self, pts: int, duration: int = 0, *, final: bool = False) -> int | None:
         """The output timestamp of the input's audio at `pts` lasting `duration` (90 kHz), by the
         epoch of the video at that media time (a packet that ends after an epoch's first frame
         begins belongs to it): the newest whose media times reach it, else an older one whose video
@@ -274,7 +274,9 @@ class SessionTimeline:
         after a discontinuity's first frame). None: not yet known, because the output has not
         begun or the audio ends after every video frame come so far (muxers write it up to a few
         hundred ms ahead, in packets as long, and the input may stall right there: its video,
-        which then begins a new epoch, decides where it goes)."""
+        which then begins a new epoch, decides where it goes). `final`: the input has ended, no
+        video will come, and audio after the last picture goes on with it (as it did in the
+        input)."""
         epoch = self._epoch
         if epoch is None or self._output is None:
             return None
@@ -285,7 +287,7 @@ class SessionTimeline:
             return e.first < end and ticks <= e.newest + RESYNC * TICKS
 
         if reaches(epoch):
-            if end > epoch.newest:
+            if end > epoch.newest and not final:
                 return None
         else:
             epoch = next((e for e in reversed(self._epochs) if reaches(e)), epoch)

@@ -7,6 +7,9 @@ was, from the first frame to the last, whatever the round trip does. Until the o
 (the first returned frame sets the offset), and while a packet is ahead of all the input's video
 (the video that comes next decides its epoch), packets wait here: at most HOLD of them, the
 oldest dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
+A packet's end is known only once the next begins (a muxer's audio PES holds up to ~0.7 s of
+frames, and its duration says one), so the input's last packet waits for the input's end; then
+no video will come to decide where audio goes, and what reaches the last pictures goes with them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class AudioCarrier:
         self._held: deque[av.Packet] = deque()
         self._arrived = asyncio.Event()
         self._carrying = False
+        self._ended = False
+        self._duration = 0  # of the packet carried last (90 kHz)
 
     def add_stream(self, info: AudioInfo) -> None:
         self._pipeline.add_audio_stream(info)
@@ -58,26 +63,42 @@ class AudioCarrier:
         if self._held:
             self._arrived.set()
 
+    def end(self) -> None:
+        """The input has ended, and what the processor was sending back has come: run() carries
+        what it can and returns."""
+        self._ended = True
+        self._arrived.set()
+
     async def run(self) -> None:
-        """Carry packets until cancelled."""
+        """Carry packets until cancelled, or until the input has ended and they are carried."""
         timeline = self._timeline
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            # A packet's end is where the next begins (a muxer's audio PES holds several frames
-            # and its duration says one): it waits for the next packet.
-            while len(self._held) > 1 and timeline.output_started:
-                packet, following = self._held[0], self._held[1]
+            while self._held and timeline.output_started:
+                packet = self._held[0]
                 assert packet.pts is not None and packet.time_base is not None
-                assert following.pts is not None
                 base = packet.time_base * TICKS
                 start = round(packet.pts * base)
-                pts = timeline.audio_pts(start, max(0, round(following.pts * base) - start))
-                if pts is None:
+                if len(self._held) > 1:
+                    following = self._held[1].pts
+                    assert following is not None
+                    duration = max(0, round(following * base) - start)
+                elif self._ended:
+                    duration = self._duration  # the input's last: as long as the one before, say
+                else:
+                    break  # its end is where the next packet begins
+                pts = timeline.audio_pts(start, duration, final=self._ended)
+                if pts is None and not self._ended:
                     break  # ahead of the video: the next returned frame says where it goes
                 self._held.popleft()
-                if pts < 0:
-                    self.dropped += 1  # before the output's clock began
+                self._duration = duration
+                if pts is None or pts < 0:
+                    self.dropped += 1  # after every picture, or before the output's clock began
                     continue
                 await self._pipeline.submit_audio(packet, pts)
                 self.carried += 1
+            if self._ended:
+                self.dropped += len(self._held)  # the output never began
+                self._held.clear()
+                return

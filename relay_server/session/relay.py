@@ -64,6 +64,7 @@ from relay_server.media.units import AccessUnits
 from relay_server.session.audio import AudioCarrier
 from relay_server.session.paths import InputRoute, NotQualified, PathStats, VideoMode
 from relay_server.trickle.publisher import Publisher
+from relay_server.waits import until_set
 from relay_server.webrtc.link import LinkSettings, LinkState, LinkStats, ProcessorLink
 
 log = logging.getLogger(__name__)
@@ -357,6 +358,8 @@ class Relay:
             if source.ended.done() and not linking.done():
                 frames.end()  # the send track ends; what is at the processor may still come back
                 await link.drain(DRAIN_SECONDS)
+                self._audio.end()  # the input's last audio packets go with the last pictures
+                await until_set(carrying, self._stopping)
         finally:
             await self._shut_down(source, link, linking, (filling, carrying))
 

@@ -176,6 +176,20 @@ def test_an_input_read_from_its_start_has_no_backlog_to_skip() -> None:
     assert timeline.decide(0, T0 + 10, T0 + 10).decision is Decision.JOIN_SKIPPED
 
 
+def test_audio_after_the_last_picture_goes_on_with_it_once_the_input_has_ended() -> None:
+    """Audio that ends after every picture so far waits for the video to come; once the input
+    has ended (final), none will: it goes on the last pictures' mapping, as it was in the input."""
+    timeline = SessionTimeline(origin=T0)
+    live(timeline, range(90))
+    first = timeline.decide(BASE, T0, T0)
+    timeline.start_output(first.session, T0)
+    last = timeline.audio_pts(BASE + 89 * FRAME)
+    assert last is not None
+    assert timeline.audio_pts(BASE + 89 * FRAME, 3 * FRAME) is None
+    assert timeline.audio_pts(BASE + 89 * FRAME, 3 * FRAME, final=True) == last
+    assert timeline.audio_pts(BASE + 91 * FRAME, 3 * FRAME, final=True) == last + 2 * FRAME
+
+
 def test_audio_goes_with_the_video_of_its_own_epoch() -> None:
     """After a stall whose timestamps go on where they stopped, audio written late (before the
     stall, in media time) keeps the old mapping, and audio of media times after it, even if it

@@ -93,6 +93,18 @@ class Run:
             # first whole audio packet after its first video frame.
             assert len(offsets) >= len(figures.markers) - 1 >= 2, figures.markers
             assert max(abs(offset) for offset in offsets) <= AV_TOLERANCE, offsets
+        if self.live.spec.audio is not None:
+            # The audio goes on as far as the input's, on the timeline of the last input frame
+            # out (a stall begins a new one): its last packet too, which no next packet follows.
+            live = self.live
+            first_shown = dict(reversed(list(zip(figures.indices, figures.pts, strict=True))))
+            last = max(first_shown)  # repeats of it come after its first showing
+            offset = (first_shown[last] - live.presentation[last]) / 90_000
+            assert figures.audio_end is not None and live.audio_end is not None
+            assert abs(figures.audio_end - offset - live.audio_end) <= AV_TOLERANCE, (
+                figures.audio_end - offset,
+                live.audio_end,
+            )
 
 
 @dataclass
@@ -222,6 +234,11 @@ ENCODERS = {
     "29.97": InputSpec(1280, 720, Fraction(30000, 1001), 8.0, 2.0, 2, "high", "aac"),
     "vfr": InputSpec(640, 480, Fraction(30), 8.0, 2.0, 0, "high", "aac", variable=True),
     "720p60-silent": InputSpec(1280, 720, Fraction(60), 8.0, 2.0, 3, "main", None),
+    # MP2: what ffmpeg's MPEG-TS muxer takes when no audio codec is named; AC-3: broadcast's.
+    "25fps-mp2": InputSpec(1280, 720, Fraction(25), 8.0, 2.0, 3, "high", "mp2"),
+    "50fps-ac3": InputSpec(960, 540, Fraction(50), 8.0, 2.0, 3, "high", "ac3"),
+    # The 33-bit timestamps wrap 2.3 s in (an input live for 26.5 hours).
+    "pts-wrap": InputSpec(640, 360, Fraction(30), 8.0, 2.0, 2, "high", "aac", ts_offset=95_440.0),
 }
 
 
