@@ -165,6 +165,7 @@ class LiveInput:
         self._watched: dict[int, asyncio.Event] = {}
         self.presentation = {frame.index: frame.pts for frame in self.frames}  # 90 kHz
         self.audio_end = AudioFigures.of(data).end
+        self.audio_behind = audio_behind(data)
 
     async def publish(
         self,
@@ -245,6 +246,7 @@ class Figures:
     markers: list[Marker] = field(default_factory=list)
     audio_pts_increasing: bool = True
     audio_end: float | None = None  # where the last audio frame ends (s)
+    audio_behind: float = 0.0  # the most audio is written after video of later times (s)
 
     def lost(self, published: list[int]) -> list[int]:
         seen = set(self.indices)
@@ -308,6 +310,7 @@ class Probe:
         audio = AudioFigures.of(data)
         beeps = audio.onsets
         figures.audio_pts_increasing, figures.audio_end = audio.increasing, audio.end
+        figures.audio_behind = audio_behind(data)
         if lumas:
             threshold = statistics.median(lumas) + 40
             flashes = [p / 90_000 for p, luma in zip(pts, lumas, strict=True) if luma > threshold]
@@ -351,6 +354,22 @@ class AudioFigures:
                         figures.onsets.append(onset)
                     quiet_since = start + (loud[-1] + 1) / frame.sample_rate
         return figures
+
+
+def audio_behind(data: bytes) -> float:
+    """How far (s) audio is written behind the video in an MPEG-TS stream, at most: the newest
+    video timestamp before an audio packet, less the packet's. A reader plays each packet only
+    once it is in, so it must wait that long for the sound to a picture it has."""
+    behind, newest = 0.0, None
+    with av.open(io.BytesIO(data), format="mpegts") as container:
+        for packet in container.demux():
+            if not packet.size or packet.pts is None:
+                continue
+            if packet.stream.type == "video":
+                newest = packet.pts if newest is None else max(newest, packet.pts)
+            elif newest is not None and packet.time_base is not None:
+                behind = max(behind, float((newest - packet.pts) * packet.time_base))
+    return behind
 
 
 def ffmpeg_errors(data: bytes) -> str:

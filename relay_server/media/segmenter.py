@@ -177,6 +177,7 @@ class Segmenter:
                 packet = _retimed(packet, data, self.frame_rate)
             self._end_segment()
             self._begin_segment()
+            self._release_audio(before=dts)  # what waited for the first segment with audio
         if self._open is None:
             self.stats.video_dropped += 1
             return
@@ -226,6 +227,13 @@ class Segmenter:
     # -- internals --------------------------------------------------------------------------
 
     def _release_audio(self, before: int | None) -> None:
+        if (
+            before is not None
+            and self._open is not None
+            and self._open.audio is None
+            and self._carried is not None
+        ):
+            return  # the stream came after this segment began: it joins at the next, begun at once
         audio = self._audio
         while audio and (before is None or audio[0][0] < before):
             _, packet = audio.popleft()
@@ -249,7 +257,10 @@ class Segmenter:
         video.container.start_encoding()
         audio = None
         if carried is not None:
-            audio = _Muxer.open(_TsWriter(self._sink, self.stats, {}), {"mpegts_start_pid": str(AUDIO_PID)})
+            # Each audio packet in a PES of its own, written as it comes: FFmpeg would gather small
+            # ones (AAC frames, Opus packets) into PES of 2930 bytes, up to 0.4 s behind the video.
+            options = {"mpegts_start_pid": str(AUDIO_PID), "pes_payload_size": "0"}
+            audio = _Muxer.open(_TsWriter(self._sink, self.stats, {}), options)
             audio.stream = carried[0].add_to(audio.container)
             audio.container.start_encoding()
         self._open = _OpenSegment(video, audio)

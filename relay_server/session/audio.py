@@ -7,9 +7,13 @@ was, from the first frame to the last, whatever the round trip does. Until the o
 (the first returned frame sets the offset), and while a packet is ahead of all the input's video
 (the video that comes next decides its epoch), packets wait here: at most HOLD of them, the
 oldest dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
-A packet's end is known only once the next begins (a muxer's audio PES holds up to ~0.7 s of
-frames, and its duration says one), so the input's last packet waits for the input's end; then
-no video will come to decide where audio goes, and what reaches the last pictures goes with them.
+
+A packet goes once the video reaches its end, so its length matters. An AAC PES (ADTS) is cut
+into its frames, each with its own timestamp and length (media/adts.py): each goes as soon as
+the video reaches it, not when the PES's last frame does. Other packets (a PES of several MP2,
+AC-3 or Opus frames, whose duration says one) end where the next begins, so each waits for the
+next; the input's last, for the input's end: then no video will come to decide where audio goes,
+and what reaches the last pictures goes with them.
 """
 
 from __future__ import annotations
@@ -17,16 +21,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import NamedTuple
 
 import av
 
+from relay_server.media.adts import adts_frames
 from relay_server.media.output import OutputPipeline
 from relay_server.media.segmenter import AudioInfo
 from relay_server.media.timeline import TICKS, SessionTimeline
 
 log = logging.getLogger(__name__)
 
-HOLD = 256  # packets: over 5 s of AAC or Opus
+HOLD = 256  # packets: over 5 s of AAC frames or of Opus
+
+
+class _Held(NamedTuple):
+    packet: av.Packet
+    start: int  # input media time (90 kHz)
+    duration: int | None  # 90 kHz; None: until the next packet begins
 
 
 class AudioCarrier:
@@ -37,25 +49,43 @@ class AudioCarrier:
         self.dropped = 0  # packets let go: held too long, no timestamp, or no stream to put them in
         self._pipeline = pipeline
         self._timeline = timeline
-        self._held: deque[av.Packet] = deque()
+        self._held: deque[_Held] = deque()
         self._arrived = asyncio.Event()
         self._carrying = False
+        self._aac = False  # the stream's packets are ADTS PES, cut into frames
         self._ended = False
         self._duration = 0  # of the packet carried last (90 kHz)
 
     def add_stream(self, info: AudioInfo) -> None:
         self._pipeline.add_audio_stream(info)
         self._carrying = True
+        self._aac = info.codec == "aac"
 
     def put(self, packet: av.Packet) -> None:
         if not self._carrying or packet.pts is None or packet.time_base is None:
             self.dropped += 1
             return
+        start = round(packet.pts * packet.time_base * TICKS)
+        frames = adts_frames(bytes(packet)) if self._aac else None
+        if frames is None:
+            self._hold(_Held(packet, start, None))
+        else:
+            data, elapsed = bytes(packet), 0.0
+            for frame in frames:
+                part = av.Packet(data[frame.offset : frame.offset + frame.length])
+                part.time_base = packet.time_base
+                part.pts = part.dts = packet.pts + round(elapsed / packet.time_base)
+                part.duration = round(frame.seconds / packet.time_base)
+                duration = round((elapsed + frame.seconds) * TICKS) - round(elapsed * TICKS)
+                self._hold(_Held(part, start + round(elapsed * TICKS), duration))
+                elapsed += frame.seconds
+        self._arrived.set()
+
+    def _hold(self, held: _Held) -> None:
         if len(self._held) == HOLD:
             self._held.popleft()
             self.dropped += 1
-        self._held.append(packet)
-        self._arrived.set()
+        self._held.append(held)
 
     def frame_returned(self) -> None:
         """A processed frame came back: the output, and with it the offset, may have begun, and
@@ -76,18 +106,14 @@ class AudioCarrier:
             await self._arrived.wait()
             self._arrived.clear()
             while self._held and timeline.output_started:
-                packet = self._held[0]
-                assert packet.pts is not None and packet.time_base is not None
-                base = packet.time_base * TICKS
-                start = round(packet.pts * base)
-                if len(self._held) > 1:
-                    following = self._held[1].pts
-                    assert following is not None
-                    duration = max(0, round(following * base) - start)
-                elif self._ended:
-                    duration = self._duration  # the input's last: as long as the one before, say
-                else:
-                    break  # its end is where the next packet begins
+                packet, start, duration = self._held[0]
+                if duration is None:
+                    if len(self._held) > 1:
+                        duration = max(0, self._held[1].start - start)
+                    elif self._ended:
+                        duration = self._duration  # the input's last: as long as the one before, say
+                    else:
+                        break  # its end is where the next packet begins
                 pts = timeline.audio_pts(start, duration, final=self._ended)
                 if pts is None and not self._ended:
                     break  # ahead of the video: the next returned frame says where it goes

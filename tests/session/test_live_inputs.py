@@ -80,9 +80,10 @@ class Run:
             f"/{self.stats.paths.output}"
         )
 
-    def check_output(self, markers: bool = True) -> None:
+    def check_output(self, markers: bool = True, audio_on_time: bool = True) -> None:
         """What readers need of the output; `markers`: A/V in sync at every flash and beep (a
-        session sending only some frames may send no flash)."""
+        session sending only some frames may send no flash); `audio_on_time`: its audio written
+        no further behind its video than the input's (not where the input itself held audio back)."""
         figures = self.figures
         assert figures.ffmpeg_errors == "", figures.ffmpeg_errors
         assert figures.dts_increasing and figures.audio_pts_increasing
@@ -104,6 +105,14 @@ class Run:
             assert abs(figures.audio_end - offset - live.audio_end) <= AV_TOLERANCE, (
                 figures.audio_end - offset,
                 live.audio_end,
+            )
+            # A reader waits no longer for the sound to a picture than with the input, give or
+            # take a frame: AAC goes frame by frame as the video reaches it; a packet of other
+            # codecs waits for the next to begin (its end), up to as long again.
+            allowance = live.audio_behind * (1 if live.spec.audio == "aac" else 2) + 1 / live.spec.rate
+            assert figures.audio_behind <= allowance or not audio_on_time, (
+                figures.audio_behind,
+                live.audio_behind,
             )
 
 
@@ -299,7 +308,9 @@ async def test_an_input_stall_of_8_s_then_the_output_resumes_in_sync(
     resumed_whole(run, 90)
     # The first frame after the stall is out as soon as any: no later than 100 ms past the rest.
     assert run.latencies(since=90)[0] <= statistics.median(run.latencies()) + 0.1
-    run.check_output()
+    # The input's audio PES come after the video beside them (its muxer writes each once full),
+    # so the stall holds the last ones before it back 8 s at the source: they come that late.
+    run.check_output(audio_on_time=False)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.value)
