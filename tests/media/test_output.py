@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from collections.abc import Callable
 from fractions import Fraction
 from itertools import pairwise
 from typing import Any
@@ -274,23 +275,36 @@ class GatedPublisher:
         return Outcome.CANCELLED
 
 
+class WaitSignallingCondition(threading.Condition):
+    """A condition that says when a thread begins to wait on it: the sink's, so that the test
+    knows the encode thread is blocked, rather than guessing when it may be."""
+
+    def __init__(self, on_wait: Callable[[], object]) -> None:
+        super().__init__()
+        self._on_wait = on_wait
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._on_wait()
+        return super().wait(timeout)
+
+
 async def test_a_full_sink_blocks_the_encode_thread_and_loses_nothing() -> None:
     loop = asyncio.get_running_loop()
     publisher = GatedPublisher()
     sink = SegmentPublisherSink(publisher, max_bytes=4)  # type: ignore[arg-type]
+    blocked = asyncio.Event()
+    sink._cond = WaitSignallingCondition(lambda: loop.call_soon_threadsafe(blocked.set))
     sink.start()
-    first_written = asyncio.Event()
 
     def encode_thread() -> None:
         sink.begin(0)
         sink.write(b"abcd")
-        loop.call_soon_threadsafe(first_written.set)
         sink.write(b"efgh")  # 4 + 4 > 4 while "abcd" is held at the gate: waits
         sink.end(0)
 
     thread = asyncio.create_task(asyncio.to_thread(encode_thread))
-    await first_written.wait()
-    assert not thread.done()
+    await blocked.wait()
+    assert not thread.done() and publisher.received == []
     publisher.gate.set()
     await thread
     await sink.stop()
