@@ -122,6 +122,8 @@ class IndexCode:
 
     def read(self, frame: av.VideoFrame, mode: ScaleMode = ScaleMode.LETTERBOX) -> int | None:
         """The index in `frame` (the source scaled to any size by `mode`), or None if unreadable."""
+        if frame.format.name not in ("yuv420p", "yuvj420p", "yuv422p", "yuv444p", "gray"):
+            frame = frame.reformat(format="yuv420p")  # 10-bit and others: 8-bit luma to read
         luma = _view(frame.planes[0])[: frame.height, : frame.width]
         return self.read_luma(luma, mode)
 

@@ -55,6 +55,9 @@ class InputSpec:
     audio_rate: int = 48000
     channels: str = "stereo"
     ts_offset: float = 0.0  # seconds added to every timestamp (near 2**33 / 90000: the PTS wraps)
+    codec: str = "libx264"  # or "libx265"
+    pix_fmt: str = "yuv420p"  # "yuv420p10le" with profile "high10", say
+    interlaced: bool = False  # coded as fields (broadcast's 1080i)
 
     @property
     def frames(self) -> int:
@@ -71,7 +74,8 @@ class InputSpec:
         return (
             f"{self.width}x{self.height}-{rate}fps-{self.seconds:g}s-gop{self.gop:g}-bf{self.b_frames}"
             f"-{self.profile}-{self.audio or 'silent'}{'-vfr' if self.variable else ''}"
-            f"-{self.audio_rate}-{self.channels}-off{self.ts_offset:g}"
+            f"-{self.audio_rate}-{self.channels}-off{self.ts_offset:g}-{self.codec}-{self.pix_fmt}"
+            f"{'-interlaced' if self.interlaced else ''}"
         )
 
 
@@ -98,8 +102,10 @@ def make_input(spec: InputSpec, directory: Path) -> Path:
         # Frame n at n/rate plus 0, 12 or 24 ms by n mod 3: intervals of 45, 45 and 9 ms at 30 fps;
         # markers (n a multiple of 3) stay where the beeps are.
         command += ["-vf", f"setpts=(N/({spec.rate})+0.012*mod(N\\,3))/TB", "-fps_mode", "vfr"]
+    if spec.interlaced:
+        command += ["-flags", "+ildct+ilme"]
     command += [
-        "-c:v", "libx264", "-preset", "veryfast", "-profile:v", spec.profile, "-pix_fmt", "yuv420p",
+        "-c:v", spec.codec, "-preset", "veryfast", "-profile:v", spec.profile, "-pix_fmt", spec.pix_fmt,
         "-bf", str(spec.b_frames), "-g", str(round(spec.gop * spec.rate)),
         "-keyint_min", str(round(spec.gop * spec.rate)), "-sc_threshold", "0",
         "-b:v", "2M", "-output_ts_offset", str(spec.ts_offset),

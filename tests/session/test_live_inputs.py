@@ -248,6 +248,9 @@ ENCODERS = {
     "50fps-ac3": InputSpec(960, 540, Fraction(50), 8.0, 2.0, 3, "high", "ac3"),
     # The 33-bit timestamps wrap 2.3 s in (an input live for 26.5 hours).
     "pts-wrap": InputSpec(640, 360, Fraction(30), 8.0, 2.0, 2, "high", "aac", ts_offset=95_440.0),
+    "10-bit": InputSpec(1280, 720, Fraction(30), 8.0, 2.0, 2, "high10", "aac", pix_fmt="yuv420p10le"),
+    "1080i": InputSpec(1920, 1080, Fraction(30000, 1001), 8.0, 2.0, 2, "high", "aac", interlaced=True),
+    "hevc": InputSpec(1280, 720, Fraction(30), 8.0, 2.0, 3, "main", "aac", codec="libx265"),
 }
 
 
