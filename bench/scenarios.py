@@ -11,7 +11,9 @@ segment as it arrives. Nothing is left out for warming up or settling. Figures p
   over every frame of the session; first output: the first output frame's arrival after the
   first input frame was written (after StartSession, for a session joining a live input);
 - A/V: the largest offset between a flash and its beep in the output; the output as readers
-  see it: DTS strictly increasing, and the lines `ffmpeg -v error -i out.ts -f null -` prints.
+  see it: DTS strictly increasing, and the lines `ffmpeg -v error -i out.ts -f null -` prints;
+- audio behind: the most the output's audio is written after video of later times (a reader
+  waits that long for the sound to a picture it has), and the same of the input as published.
 
 The scenarios: a session started 5 s before its input exists (how Livepeer starts jobs), a
 session joining a live input 1 s into a 2 s GOP, inputs as encoders make them (720p60 Main with
@@ -159,6 +161,8 @@ def figures(
         "latency p99 ms": report.rounded(report.percentile(latencies, 99), 1),
         "first output s": report.rounded(first_output, 3),
         "A/V max ms": report.rounded(max(offsets, default=float("nan")), 1),
+        "audio behind ms": report.rounded(1000 * out.audio_behind, 1),
+        "input audio behind ms": report.rounded(1000 * live.audio_behind, 1),
         "markers": len(out.markers),
         "DTS increasing": out.dts_increasing,
         "ffmpeg error lines": len(out.ffmpeg_errors.splitlines()),
@@ -189,6 +193,8 @@ TABLE = (
     "latency p99 ms",
     "first output s",
     "A/V max ms",
+    "audio behind ms",
+    "input audio behind ms",
     "ffmpeg error lines",
 )
 NOTES = """
