@@ -8,12 +8,12 @@ was, from the first frame to the last, whatever the round trip does. Until the o
 (the video that comes next decides its epoch), packets wait here: at most HOLD of them, the
 oldest dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
 
-A packet goes once the video reaches its end, so its length matters. An AAC PES (ADTS) is cut
-into its frames, each with its own timestamp and length (media/adts.py): each goes as soon as
-the video reaches it, not when the PES's last frame does. Other packets (a PES of several MP2,
-AC-3 or Opus frames, whose duration says one) end where the next begins, so each waits for the
-next; the input's last, for the input's end: then no video will come to decide where audio goes,
-and what reaches the last pictures goes with them.
+A packet goes once the video reaches its end, so its length matters. An AAC (ADTS) or Opus PES
+is cut into its frames, each with its own timestamp and length (media/audioframes.py): each goes
+as soon as the video reaches it, not when the PES's last frame does. Other packets (a PES of
+several MP2 or AC-3 frames, whose duration says one) end where the next begins, so each waits
+for the next; the input's last, for the input's end: then no video will come to decide where
+audio goes, and what reaches the last pictures goes with them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import av
 
-from relay_server.media.adts import adts_frames
+from relay_server.media.audioframes import audio_frames
 from relay_server.media.output import OutputPipeline
 from relay_server.media.segmenter import AudioInfo
 from relay_server.media.timeline import TICKS, SessionTimeline
@@ -52,21 +52,21 @@ class AudioCarrier:
         self._held: deque[_Held] = deque()
         self._arrived = asyncio.Event()
         self._carrying = False
-        self._aac = False  # the stream's packets are ADTS PES, cut into frames
+        self._codec = ""  # the stream's: its PES are cut into their frames where it can be
         self._ended = False
         self._duration = 0  # of the packet carried last (90 kHz)
 
     def add_stream(self, info: AudioInfo) -> None:
         self._pipeline.add_audio_stream(info)
         self._carrying = True
-        self._aac = info.codec == "aac"
+        self._codec = info.codec
 
     def put(self, packet: av.Packet) -> None:
         if not self._carrying or packet.pts is None or packet.time_base is None:
             self.dropped += 1
             return
         start = round(packet.pts * packet.time_base * TICKS)
-        frames = adts_frames(bytes(packet)) if self._aac else None
+        frames = audio_frames(self._codec, bytes(packet))
         if frames is None:
             self._hold(_Held(packet, start, None))
         else:
