@@ -1,4 +1,4 @@
-"""The audio frames in a PES: where each begins and how long it plays (AAC in ADTS, Opus).
+"""The audio frames in a PES: where each begins and how long it plays (AAC, Opus, MP2/MP3, AC-3).
 
 A TS muxer puts several audio frames in one PES (FFmpeg fills 2930 bytes, about 0.4 s of AAC at
 96 kbit/s; Opus up to 120 ms) and stamps only the first, so a demuxer that does not parse hands
@@ -19,6 +19,23 @@ SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 1
 # An Opus frame's length by its TOC byte's configuration (RFC 6716, 3.1), in ms: SILK, hybrid, CELT.
 OPUS_FRAME_MS: list[float] = [(10, 20, 40, 60)[c % 4] for c in range(12)]
 OPUS_FRAME_MS += [(10, 20)[c % 2] for c in range(4)] + [(2.5, 5, 10, 20)[c % 4] for c in range(16)]
+# MPEG audio (ISO/IEC 11172-3, 13818-3): kbit/s by bitrate index 1-14, for MPEG-1 layers I, II,
+# III and MPEG-2/2.5 layers I and II/III; sample rates by index for MPEG-1 (halved for MPEG-2,
+# quartered for 2.5).
+MPEG_BITRATES = {
+    (1, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (1, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (1, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (2, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (2, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+MPEG_SAMPLE_RATES = (44100, 48000, 32000)
+# AC-3 (ATSC A/52): kbit/s by frmsizecod // 2; sample rates by fscod; E-AC-3's reduced rates by
+# fscod2, and its audio blocks by numblkscod (256 samples each).
+AC3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640)
+AC3_SAMPLE_RATES = (48000, 44100, 32000)
+EAC3_REDUCED_RATES = (24000, 22050, 16000)
+EAC3_BLOCKS = (1, 2, 3, 6)
 
 
 class AudioFrame(NamedTuple):
@@ -84,4 +101,75 @@ def opus_frames(data: bytes) -> list[AudioFrame] | None:
     return frames or None
 
 
-CUTTERS: dict[str, Callable[[bytes], list[AudioFrame] | None]] = {"aac": adts_frames, "opus": opus_frames}
+def mpeg_audio_frames(data: bytes) -> list[AudioFrame] | None:
+    """MP2 and MP3: each header gives its frame's bitrate, sample rate and padding, so its length;
+    free-format frames (bitrate index 0) are not cut."""
+    frames: list[AudioFrame] = []
+    offset, size = 0, len(data)
+    while offset < size:
+        if size - offset < 4 or data[offset] != 0xFF or data[offset + 1] & 0xE0 != 0xE0:
+            return None
+        version_bits, layer_bits = (data[offset + 1] >> 3) & 0x03, (data[offset + 1] >> 1) & 0x03
+        bitrate_index, rate_index = data[offset + 2] >> 4, (data[offset + 2] >> 2) & 0x03
+        if version_bits == 1 or layer_bits == 0 or not 0 < bitrate_index < 15 or rate_index == 3:
+            return None  # reserved, free format or bad
+        version = 1 if version_bits == 3 else 2  # MPEG-2.5 has MPEG-2's tables
+        layer = 4 - layer_bits
+        rate = MPEG_SAMPLE_RATES[rate_index] >> (0, 2, 1, 0)[version_bits]
+        bitrate = 1000 * MPEG_BITRATES[(version, layer if version == 1 else min(layer, 2))][bitrate_index - 1]
+        padding = (data[offset + 2] >> 1) & 0x01
+        if layer == 1:
+            samples, length = 384, (12 * bitrate // rate + padding) * 4
+        else:
+            samples = 1152 if layer == 2 or version == 1 else 576
+            length = samples // 8 * bitrate // rate + padding
+        if offset + length > size:
+            return None
+        frames.append(AudioFrame(offset, length, samples / rate))
+        offset += length
+    return frames or None
+
+
+def ac3_frames(data: bytes) -> list[AudioFrame] | None:
+    """AC-3 and E-AC-3: each sync frame's length from its sample rate and frame size code (AC-3)
+    or its frmsiz field (E-AC-3)."""
+    frames: list[AudioFrame] = []
+    offset, size = 0, len(data)
+    while offset < size:
+        if size - offset < 6 or data[offset] != 0x0B or data[offset + 1] != 0x77:
+            return None
+        bsid = data[offset + 5] >> 3
+        fscod = data[offset + 4] >> 6
+        if bsid <= 10:  # AC-3: 1536 samples
+            code = data[offset + 4] & 0x3F
+            if fscod == 3 or code >= 2 * len(AC3_BITRATES):
+                return None
+            rate, kbits = AC3_SAMPLE_RATES[fscod], AC3_BITRATES[code // 2]
+            words = kbits * 96_000 // rate + (code & 1 if rate == 44100 else 0)  # 1536 / 16 bits
+            length, samples = 2 * words, 1536
+        elif bsid <= 16:  # E-AC-3
+            length = 2 * ((((data[offset + 2] & 0x07) << 8) | data[offset + 3]) + 1)
+            blocks_code = (data[offset + 4] >> 4) & 0x03
+            if fscod < 3:
+                rate, samples = AC3_SAMPLE_RATES[fscod], 256 * EAC3_BLOCKS[blocks_code]
+            elif blocks_code < 3:  # a reduced rate (fscod2 in numblkscod's place): 6 blocks
+                rate, samples = EAC3_REDUCED_RATES[blocks_code], 1536
+            else:
+                return None
+        else:
+            return None
+        if offset + length > size:
+            return None
+        frames.append(AudioFrame(offset, length, samples / rate))
+        offset += length
+    return frames or None
+
+
+# By decoder name, as the input's stream names it (a TS's MPEG audio is "mp3float" until parsed).
+CUTTERS: dict[str, Callable[[bytes], list[AudioFrame] | None]] = {
+    "aac": adts_frames,
+    "opus": opus_frames,
+    "ac3": ac3_frames,
+    "eac3": ac3_frames,
+    **{f"mp{layer}{kind}": mpeg_audio_frames for layer in (1, 2, 3) for kind in ("", "float")},
+}

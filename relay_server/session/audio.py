@@ -8,12 +8,13 @@ was, from the first frame to the last, whatever the round trip does. Until the o
 (the video that comes next decides its epoch), packets wait here: at most HOLD of them, the
 oldest dropped beyond that, counted. Nothing depends on pacing: a catch-up session carries audio too.
 
-A packet goes once the video reaches its end, so its length matters. An AAC (ADTS) or Opus PES
-is cut into its frames, each with its own timestamp and length (media/audioframes.py): each goes
-as soon as the video reaches it, not when the PES's last frame does. Other packets (a PES of
-several MP2 or AC-3 frames, whose duration says one) end where the next begins, so each waits
-for the next; the input's last, for the input's end: then no video will come to decide where
-audio goes, and what reaches the last pictures goes with them.
+A packet goes once the video reaches its end, so its length matters. An AAC (ADTS), Opus, MPEG
+audio or AC-3 PES is cut into its frames, each with its own timestamp and length
+(media/audioframes.py): each goes as soon as the video reaches it, not when the PES's last frame
+does. Other packets (of a codec not cut, or a damaged PES, whose duration may say one frame of
+several) end where the next begins, so each waits for the next; the input's last, for the
+input's end: then no video will come to decide where audio goes, and what reaches the last
+pictures goes with them.
 """
 
 from __future__ import annotations

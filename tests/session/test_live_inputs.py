@@ -107,10 +107,8 @@ class Run:
                 live.audio_end,
             )
             # A reader waits no longer for the sound to a picture than with the input, give or
-            # take a frame: AAC and Opus go frame by frame as the video reaches them; a packet of
-            # other codecs waits for the next to begin (its end), up to as long again.
-            cut = live.spec.audio in ("aac", "opus")
-            allowance = live.audio_behind * (1 if cut else 2) + 1 / live.spec.rate
+            # take a frame: the audio goes frame by frame as the video reaches it.
+            allowance = live.audio_behind + 1 / live.spec.rate
             assert figures.audio_behind <= allowance or not audio_on_time, (
                 figures.audio_behind,
                 live.audio_behind,
