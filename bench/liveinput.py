@@ -170,8 +170,8 @@ class LiveInput:
         self.sent: dict[int, float] = {}  # frame index → when its bytes went out
         self._watched: dict[int, asyncio.Event] = {}
         self.presentation = {frame.index: frame.pts for frame in self.frames}  # 90 kHz
-        self.audio_end = AudioFigures.of(data).end
-        self.audio_behind = audio_behind(data)
+        audio = AudioFigures.of(data)
+        self.audio_end, self.audio_behind = audio.end, audio.behind
 
     async def publish(
         self,
@@ -316,7 +316,7 @@ class Probe:
         audio = AudioFigures.of(data)
         beeps = audio.onsets
         figures.audio_pts_increasing, figures.audio_end = audio.increasing, audio.end
-        figures.audio_behind = audio_behind(data)
+        figures.audio_behind = audio.behind
         if lumas:
             threshold = statistics.median(lumas) + 40
             flashes = [p / 90_000 for p, luma in zip(pts, lumas, strict=True) if luma > threshold]
@@ -333,15 +333,29 @@ class AudioFigures:
     onsets: list[float]  # media times at which a beep starts (s)
     increasing: bool  # audio timestamps only go forward
     end: float | None  # where the last audio frame ends (s); None: no audio
+    # How far audio is written behind the video, at most (s): the newest video timestamp before
+    # an audio packet, less the packet's. A reader plays each packet only once it is in, so it
+    # must wait that long for the sound to a picture it has.
+    behind: float = 0.0
 
     @classmethod
     def of(cls, data: bytes) -> AudioFigures:
         """The audio of an MPEG-TS stream, decoded."""
         figures = cls([], True, None)
+        packets: list[int] = []
         with av.open(io.BytesIO(data), format="mpegts") as container:
             if not container.streams.audio:
                 return figures
-            packets = [p.pts for p in container.demux(audio=0) if p.size and p.pts is not None]
+            audio, newest = container.streams.audio[0], None
+            for packet in container.demux():
+                if not packet.size or packet.pts is None:
+                    continue
+                if packet.stream.type == "video":
+                    newest = packet.pts if newest is None else max(newest, packet.pts)
+                elif packet.stream is audio:
+                    packets.append(packet.pts)
+                    if newest is not None and audio.time_base is not None:
+                        figures.behind = max(figures.behind, float((newest - packet.pts) * audio.time_base))
         figures.increasing = all(b > a for a, b in itertools.pairwise(packets))
         with av.open(io.BytesIO(data), format="mpegts") as container:
             quiet_since: float | None = None
@@ -360,22 +374,6 @@ class AudioFigures:
                         figures.onsets.append(onset)
                     quiet_since = start + (loud[-1] + 1) / frame.sample_rate
         return figures
-
-
-def audio_behind(data: bytes) -> float:
-    """How far (s) audio is written behind the video in an MPEG-TS stream, at most: the newest
-    video timestamp before an audio packet, less the packet's. A reader plays each packet only
-    once it is in, so it must wait that long for the sound to a picture it has."""
-    behind, newest = 0.0, None
-    with av.open(io.BytesIO(data), format="mpegts") as container:
-        for packet in container.demux():
-            if not packet.size or packet.pts is None:
-                continue
-            if packet.stream.type == "video":
-                newest = packet.pts if newest is None else max(newest, packet.pts)
-            elif newest is not None and packet.time_base is not None:
-                behind = max(behind, float((newest - packet.pts) * packet.time_base))
-    return behind
 
 
 def ffmpeg_errors(data: bytes) -> str:

@@ -44,132 +44,118 @@ class AudioFrame(NamedTuple):
     seconds: float  # how long it plays
 
 
+# A frame's header read at an offset: its length in bytes (framing included) and how long it
+# plays, in seconds; None when no frame of the codec begins there.
+Header = Callable[[bytes, int], tuple[int, float] | None]
+
+
 def audio_frames(codec: str, data: bytes) -> list[AudioFrame] | None:
     """The frames that make up `data` end to end; None when this codec's frames are not cut
     here, or `data` is not only whole frames (a cut or damaged PES): it then goes on whole."""
-    cut = CUTTERS.get(codec)
-    return None if cut is None else cut(data)
-
-
-def adts_frames(data: bytes) -> list[AudioFrame] | None:
-    """AAC in ADTS: each header gives its frame's length and sample count."""
+    header = HEADERS.get(codec)
+    if header is None:
+        return None
     frames: list[AudioFrame] = []
     offset, size = 0, len(data)
     while offset < size:
-        if size - offset < ADTS_HEADER or data[offset] != 0xFF or data[offset + 1] & 0xF6 != 0xF0:
-            return None  # no syncword, or not layer 0
-        rate_index = (data[offset + 2] >> 2) & 0x0F
-        length = ((data[offset + 3] & 0x03) << 11) | (data[offset + 4] << 3) | (data[offset + 5] >> 5)
-        if rate_index >= len(SAMPLE_RATES) or length < ADTS_HEADER or offset + length > size:
+        frame = header(data, offset)
+        if frame is None or frame[0] <= 0 or offset + frame[0] > size:
             return None
-        samples = 1024 * ((data[offset + 6] & 0x03) + 1)  # raw data blocks in the frame
-        frames.append(AudioFrame(offset, length, samples / SAMPLE_RATES[rate_index]))
-        offset += length
+        frames.append(AudioFrame(offset, *frame))
+        offset += frame[0]
     return frames or None
 
 
-def opus_frames(data: bytes) -> list[AudioFrame] | None:
-    """Opus in MPEG-TS (ETSI TS 102 366, annex): each packet after a control header (an 11-bit
+def _adts(data: bytes, at: int) -> tuple[int, float] | None:
+    """AAC in ADTS: the header gives the frame's length and sample count."""
+    if len(data) - at < ADTS_HEADER or data[at] != 0xFF or data[at + 1] & 0xF6 != 0xF0:
+        return None  # no syncword, or not layer 0
+    rate_index = (data[at + 2] >> 2) & 0x0F
+    length = ((data[at + 3] & 0x03) << 11) | (data[at + 4] << 3) | (data[at + 5] >> 5)
+    if rate_index >= len(SAMPLE_RATES) or length < ADTS_HEADER:
+        return None
+    samples = 1024 * ((data[at + 6] & 0x03) + 1)  # raw data blocks in the frame
+    return length, samples / SAMPLE_RATES[rate_index]
+
+
+def _opus(data: bytes, at: int) -> tuple[int, float] | None:
+    """Opus in MPEG-TS (ETSI TS 102 366, annex): a packet after a control header (an 11-bit
     prefix, flags, its size in 255-runs, trims and extension); its duration from its TOC byte."""
-    frames: list[AudioFrame] = []
-    offset, size = 0, len(data)
-    while offset < size:
-        if size - offset < 3 or data[offset] != 0x7F or data[offset + 1] & 0xE0 != 0xE0:
+    size = len(data)
+    if size - at < 3 or data[at] != 0x7F or data[at + 1] & 0xE0 != 0xE0:
+        return None
+    flags = data[at + 1]
+    payload, packet = at + 2, 0
+    while payload < size and data[payload] == 0xFF:
+        packet += 0xFF
+        payload += 1
+    if payload >= size:
+        return None
+    packet += data[payload]
+    payload += 1 + 2 * bool(flags & 0x10) + 2 * bool(flags & 0x08)  # start and end trim
+    if flags & 0x04 and payload < size:
+        payload += 1 + data[payload]  # the control extension, with its length
+    if packet < 1 or payload + packet > size:
+        return None
+    toc = data[payload]
+    count = (1, 2, 2, 0)[toc & 0x03]
+    if count == 0:  # code 3: the count is in the next byte
+        if packet < 2:
             return None
-        flags = data[offset + 1]
-        at, packet = offset + 2, 0
-        while at < size and data[at] == 0xFF:
-            packet += 0xFF
-            at += 1
-        if at >= size:
-            return None
-        packet += data[at]
-        at += 1 + 2 * bool(flags & 0x10) + 2 * bool(flags & 0x08)  # start and end trim
-        if flags & 0x04 and at < size:
-            at += 1 + data[at]  # the control extension, with its length
-        end = at + packet
-        if packet < 1 or end > size:
-            return None
-        toc = data[at]
-        count = (1, 2, 2, 0)[toc & 0x03]
-        if count == 0:  # code 3: the count is in the next byte
-            if packet < 2:
-                return None
-            count = data[at + 1] & 0x3F
-        frames.append(AudioFrame(offset, end - offset, count * OPUS_FRAME_MS[toc >> 3] / 1000))
-        offset = end
-    return frames or None
+        count = data[payload + 1] & 0x3F
+    return payload + packet - at, count * OPUS_FRAME_MS[toc >> 3] / 1000
 
 
-def mpeg_audio_frames(data: bytes) -> list[AudioFrame] | None:
-    """MP2 and MP3: each header gives its frame's bitrate, sample rate and padding, so its length;
+def _mpeg_audio(data: bytes, at: int) -> tuple[int, float] | None:
+    """MP2 and MP3: the header gives the frame's bitrate, sample rate and padding, so its length;
     free-format frames (bitrate index 0) are not cut."""
-    frames: list[AudioFrame] = []
-    offset, size = 0, len(data)
-    while offset < size:
-        if size - offset < 4 or data[offset] != 0xFF or data[offset + 1] & 0xE0 != 0xE0:
-            return None
-        version_bits, layer_bits = (data[offset + 1] >> 3) & 0x03, (data[offset + 1] >> 1) & 0x03
-        bitrate_index, rate_index = data[offset + 2] >> 4, (data[offset + 2] >> 2) & 0x03
-        if version_bits == 1 or layer_bits == 0 or not 0 < bitrate_index < 15 or rate_index == 3:
-            return None  # reserved, free format or bad
-        version = 1 if version_bits == 3 else 2  # MPEG-2.5 has MPEG-2's tables
-        layer = 4 - layer_bits
-        rate = MPEG_SAMPLE_RATES[rate_index] >> (0, 2, 1, 0)[version_bits]
-        bitrate = 1000 * MPEG_BITRATES[(version, layer if version == 1 else min(layer, 2))][bitrate_index - 1]
-        padding = (data[offset + 2] >> 1) & 0x01
-        if layer == 1:
-            samples, length = 384, (12 * bitrate // rate + padding) * 4
-        else:
-            samples = 1152 if layer == 2 or version == 1 else 576
-            length = samples // 8 * bitrate // rate + padding
-        if offset + length > size:
-            return None
-        frames.append(AudioFrame(offset, length, samples / rate))
-        offset += length
-    return frames or None
+    if len(data) - at < 4 or data[at] != 0xFF or data[at + 1] & 0xE0 != 0xE0:
+        return None
+    version_bits, layer_bits = (data[at + 1] >> 3) & 0x03, (data[at + 1] >> 1) & 0x03
+    bitrate_index, rate_index = data[at + 2] >> 4, (data[at + 2] >> 2) & 0x03
+    if version_bits == 1 or layer_bits == 0 or not 0 < bitrate_index < 15 or rate_index == 3:
+        return None  # reserved, free format or bad
+    version = 1 if version_bits == 3 else 2  # MPEG-2.5 has MPEG-2's tables
+    layer = 4 - layer_bits
+    rate = MPEG_SAMPLE_RATES[rate_index] >> (0, 2, 1, 0)[version_bits]
+    bitrate = 1000 * MPEG_BITRATES[(version, layer if version == 1 else min(layer, 2))][bitrate_index - 1]
+    padding = (data[at + 2] >> 1) & 0x01
+    if layer == 1:
+        return (12 * bitrate // rate + padding) * 4, 384 / rate
+    samples = 1152 if layer == 2 or version == 1 else 576
+    return samples // 8 * bitrate // rate + padding, samples / rate
 
 
-def ac3_frames(data: bytes) -> list[AudioFrame] | None:
-    """AC-3 and E-AC-3: each sync frame's length from its sample rate and frame size code (AC-3)
-    or its frmsiz field (E-AC-3)."""
-    frames: list[AudioFrame] = []
-    offset, size = 0, len(data)
-    while offset < size:
-        if size - offset < 6 or data[offset] != 0x0B or data[offset + 1] != 0x77:
+def _ac3(data: bytes, at: int) -> tuple[int, float] | None:
+    """AC-3 and E-AC-3: a sync frame's length from its sample rate and frame size code (AC-3) or
+    its frmsiz field (E-AC-3)."""
+    if len(data) - at < 6 or data[at] != 0x0B or data[at + 1] != 0x77:
+        return None
+    bsid = data[at + 5] >> 3
+    fscod = data[at + 4] >> 6
+    if bsid <= 10:  # AC-3: 1536 samples
+        code = data[at + 4] & 0x3F
+        if fscod == 3 or code >= 2 * len(AC3_BITRATES):
             return None
-        bsid = data[offset + 5] >> 3
-        fscod = data[offset + 4] >> 6
-        if bsid <= 10:  # AC-3: 1536 samples
-            code = data[offset + 4] & 0x3F
-            if fscod == 3 or code >= 2 * len(AC3_BITRATES):
-                return None
-            rate, kbits = AC3_SAMPLE_RATES[fscod], AC3_BITRATES[code // 2]
-            words = kbits * 96_000 // rate + (code & 1 if rate == 44100 else 0)  # 1536 / 16 bits
-            length, samples = 2 * words, 1536
-        elif bsid <= 16:  # E-AC-3
-            length = 2 * ((((data[offset + 2] & 0x07) << 8) | data[offset + 3]) + 1)
-            blocks_code = (data[offset + 4] >> 4) & 0x03
-            if fscod < 3:
-                rate, samples = AC3_SAMPLE_RATES[fscod], 256 * EAC3_BLOCKS[blocks_code]
-            elif blocks_code < 3:  # a reduced rate (fscod2 in numblkscod's place): 6 blocks
-                rate, samples = EAC3_REDUCED_RATES[blocks_code], 1536
-            else:
-                return None
-        else:
-            return None
-        if offset + length > size:
-            return None
-        frames.append(AudioFrame(offset, length, samples / rate))
-        offset += length
-    return frames or None
+        rate, kbits = AC3_SAMPLE_RATES[fscod], AC3_BITRATES[code // 2]
+        words = kbits * 96_000 // rate + (code & 1 if rate == 44100 else 0)  # 1536 / 16 bits
+        return 2 * words, 1536 / rate
+    if bsid > 16:
+        return None
+    length = 2 * ((((data[at + 2] & 0x07) << 8) | data[at + 3]) + 1)  # E-AC-3
+    blocks_code = (data[at + 4] >> 4) & 0x03
+    if fscod < 3:
+        return length, 256 * EAC3_BLOCKS[blocks_code] / AC3_SAMPLE_RATES[fscod]
+    if blocks_code < 3:  # a reduced rate (fscod2 in numblkscod's place): 6 blocks
+        return length, 1536 / EAC3_REDUCED_RATES[blocks_code]
+    return None
 
 
 # By decoder name, as the input's stream names it (a TS's MPEG audio is "mp3float" until parsed).
-CUTTERS: dict[str, Callable[[bytes], list[AudioFrame] | None]] = {
-    "aac": adts_frames,
-    "opus": opus_frames,
-    "ac3": ac3_frames,
-    "eac3": ac3_frames,
-    **{f"mp{layer}{kind}": mpeg_audio_frames for layer in (1, 2, 3) for kind in ("", "float")},
+HEADERS: dict[str, Header] = {
+    "aac": _adts,
+    "opus": _opus,
+    "ac3": _ac3,
+    "eac3": _ac3,
+    **{f"mp{layer}{kind}": _mpeg_audio for layer in (1, 2, 3) for kind in ("", "float")},
 }

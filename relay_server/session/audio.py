@@ -67,11 +67,12 @@ class AudioCarrier:
             self.dropped += 1
             return
         start = round(packet.pts * packet.time_base * TICKS)
-        frames = audio_frames(self._codec, bytes(packet))
+        data = bytes(packet)
+        frames = audio_frames(self._codec, data)
         if frames is None:
             self._hold(_Held(packet, start, None))
         else:
-            data, elapsed = bytes(packet), 0.0
+            elapsed = 0.0
             for frame in frames:
                 part = av.Packet(data[frame.offset : frame.offset + frame.length])
                 part.time_base = packet.time_base
