@@ -176,6 +176,21 @@ def test_an_input_read_from_its_start_has_no_backlog_to_skip() -> None:
     assert timeline.decide(0, T0 + 10, T0 + 10).decision is Decision.JOIN_SKIPPED
 
 
+@pytest.mark.parametrize(
+    ("frames", "rate"),
+    [
+        ([0, 4, 2, 1, 3, 8, 6], 30),  # B-frames in decode order: frames 5 and 7 have yet to come
+        ([0, 1, 2, 3, 4, 5, 6], 30),
+        ([0, 1.5, 2, 3.5, 4, 5.5, 6], 30),  # variable intervals: their average
+    ],
+)
+def test_the_frame_rate_counts_the_frames_come_up_to_the_first_gap(frames: list[float], rate: int) -> None:
+    timeline = SessionTimeline(origin=T0)
+    for arrival, frame in enumerate(frames):
+        timeline.arrived(BASE + round(frame * FRAME), T0 + arrival / 30)
+    assert timeline.frame_rate == rate
+
+
 def test_audio_after_the_last_picture_goes_on_with_it_once_the_input_has_ended() -> None:
     """Audio that ends after every picture so far waits for the video to come; once the input
     has ended (final), none will: it goes on the last pictures' mapping, as it was in the input."""
